@@ -1,0 +1,1 @@
+"""Engine hooks, per-token scoring, alert policy and sinks."""

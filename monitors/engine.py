@@ -1,0 +1,66 @@
+"""The boundary between the service and a generation engine (transformers now, vLLM later).
+
+An engine turns prompt token ids into a stream of ``Step``s: decoded text deltas plus the per-token emotion
+scores its hooks measured. The service never touches model internals; the monitor never touches text.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+from monitors.probe import ScoredRows
+from vectors.storage import EmotionVectors, ModelIdentity
+
+Phase = Literal["prompt", "generation"]
+FinishReason = Literal["stop", "length", "abort"]
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+
+
+@dataclass
+class Step:
+    """What one engine step produced for one request.
+
+    ``scores`` covers tokens ``score_start .. score_start + len`` of ``phase``: the prompt, then generated
+    tokens. A generated token has a residual only once it is fed back in; engines run that forward before
+    releasing the token (one extra forward after the last), so every returned token is scored.
+    """
+
+    text: str = ""
+    token_ids: Sequence[int] = ()
+    scores: ScoredRows | None = None
+    phase: Phase = "generation"
+    score_start: int = 0
+    finish_reason: FinishReason | None = None
+
+
+class Engine(Protocol):
+    model_name: str
+    identity: ModelIdentity
+    vectors: EmotionVectors
+    context_length: int
+
+    def chat_prompt_ids(self, messages: list[dict[str, str]]) -> list[int]: ...
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def decode(self, token_ids: Sequence[int]) -> str: ...
+
+    def generate(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[Step]: ...
+
+    async def score(self, token_ids: list[int]) -> ScoredRows: ...
+
+    def scoring_seconds(self) -> float: ...
+
+    async def close(self) -> None: ...

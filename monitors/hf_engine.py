@@ -1,0 +1,153 @@
+"""The transformers engine: one request at a time through a Hugging Face model, scored by a forward hook.
+
+Generation runs on a single worker thread (the model is not re-entrant); steps cross to the event loop
+through an asyncio queue. Good for research and any architecture transformers loads; vLLM serves traffic.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections import Counter
+from collections.abc import AsyncIterator, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+from monitors import hf_model
+from monitors.engine import SamplingParams, Step
+from monitors.layers import decoder_layers
+from monitors.probe import Readout, ResidualProbe, ScoredRows
+from vectors.storage import EmotionVectors
+
+_DONE = object()
+
+
+class TransformersEngine:
+    def __init__(self, loaded: hf_model.LoadedModel, vectors: EmotionVectors) -> None:
+        self.loaded = loaded
+        self.model_name = loaded.source.name
+        self.identity = loaded.identity
+        self.vectors = vectors
+        self.context_length = hf_model.context_length(loaded.model, loaded.tokenizer)
+        self._eos = hf_model.eos_token_ids(loaded.model, loaded.tokenizer)
+        layer = decoder_layers(loaded.model)[vectors.manifest.layer]
+        self._probe = ResidualProbe(layer, Readout(vectors, loaded.device))
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="limbic-engine")
+
+    # --- tokenisation -------------------------------------------------------------------------------
+    def chat_prompt_ids(self, messages: list[dict[str, str]]) -> list[int]:
+        encoded = self.loaded.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        ids = encoded["input_ids"] if hasattr(encoded, "keys") else encoded
+        return list(ids)
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.loaded.tokenizer.encode(text, add_special_tokens=False))
+
+    def decode(self, token_ids: Sequence[int]) -> str:
+        return self.loaded.tokenizer.decode(list(token_ids), skip_special_tokens=True)
+
+    def scoring_seconds(self) -> float:
+        return self._probe.scoring_seconds
+
+    # --- scoring only -------------------------------------------------------------------------------
+    async def score(self, token_ids: list[int]) -> ScoredRows:
+        return await asyncio.get_running_loop().run_in_executor(self._worker, self._score_sync, token_ids)
+
+    @torch.inference_mode()
+    def _score_sync(self, token_ids: list[int]) -> ScoredRows:
+        self._probe.drain()
+        ids = torch.tensor([token_ids], device=self.loaded.device)
+        # Only the residual at the monitored layer is needed: skip the LM head's [T, vocab] logits.
+        self.loaded.model.base_model(ids)
+        return self._probe.drain()
+
+    # --- generation ---------------------------------------------------------------------------------
+    async def generate(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[Step]:
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        cancelled = threading.Event()
+
+        def emit(item: object) -> None:
+            loop.call_soon_threadsafe(queue.put_nowait, item)
+
+        def run() -> None:
+            try:
+                self._generate_sync(prompt_ids, params, emit, cancelled)
+            except BaseException as exc:  # surfaced to the consumer below
+                emit(exc)
+            finally:
+                emit(_DONE)
+
+        future = loop.run_in_executor(self._worker, run)
+        try:
+            while (item := await queue.get()) is not _DONE:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            cancelled.set()  # the consumer left (client disconnect): stop at the next token
+            await asyncio.shield(future)
+
+    @torch.inference_mode()
+    def _generate_sync(
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        emit: Callable[[object], None],
+        cancelled: threading.Event,
+    ) -> None:
+        from monitors.text_stream import TextStream
+
+        model, device = self.loaded.model, self.loaded.device
+        generator = torch.Generator(device=device)
+        generator.manual_seed(params.seed if params.seed is not None else torch.seed())
+        text = TextStream(self.decode, params.stop)
+        counts: Counter[int] = Counter()
+        self._probe.drain()
+
+        out = model(torch.tensor([prompt_ids], device=device), use_cache=True)
+        emit(Step(scores=self._probe.drain(), phase="prompt"))
+        generated = 0
+        while True:
+            token = self._sample(out.logits[0, -1], params, counts, generator)
+            counts[token] += 1
+            generated += 1
+            finish = None
+            if token in self._eos:
+                finish, delta = "stop", text.flush()
+            else:
+                delta = text.push(token)
+                if text.stopped:
+                    finish = "stop"
+                elif generated >= params.max_tokens:
+                    finish, delta = "length", delta + text.flush()
+                elif cancelled.is_set():
+                    finish = "abort"
+            # Feed the token back: this both scores it and yields the logits for the next one.
+            out = model(torch.tensor([[token]], device=device), past_key_values=out.past_key_values, use_cache=True)
+            scores = self._probe.drain()
+            emit(Step(text=delta, token_ids=[token], scores=scores, score_start=generated - 1, finish_reason=finish))
+            if finish is not None:
+                return
+
+    @staticmethod
+    def _sample(logits: torch.Tensor, params: SamplingParams, counts: Counter[int], generator: torch.Generator) -> int:
+        logits = logits.float()
+        if counts and (params.presence_penalty or params.frequency_penalty):
+            ids = torch.tensor(list(counts), device=logits.device)
+            freq = torch.tensor(list(counts.values()), dtype=logits.dtype, device=logits.device)
+            logits[ids] -= params.presence_penalty + params.frequency_penalty * freq
+        if params.temperature == 0:
+            return int(logits.argmax())
+        probs = torch.softmax(logits / params.temperature, dim=-1)
+        if params.top_p < 1.0:
+            sorted_probs, order = probs.sort(descending=True)
+            outside = sorted_probs.cumsum(0) - sorted_probs > params.top_p  # keep the smallest nucleus
+            sorted_probs[outside] = 0.0
+            probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
+        return int(torch.multinomial(probs, 1, generator=generator))
+
+    async def close(self) -> None:
+        self._probe.remove()
+        self._worker.shutdown(wait=True)

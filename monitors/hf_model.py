@@ -1,0 +1,74 @@
+"""Loading a Hugging Face causal LM and identifying it, shared by the engine and vector extraction."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from monitors.layers import hidden_size, num_hidden_layers
+from monitors.model_source import ModelSource
+from vectors.storage import ModelIdentity
+
+# Enough of the embedding matrix to tell two checkpoints apart, small enough to hash in milliseconds.
+_FINGERPRINT_ROWS = 512
+
+
+@dataclass
+class LoadedModel:
+    source: ModelSource
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    identity: ModelIdentity
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+
+def fingerprint(model: PreTrainedModel) -> str:
+    """A hash of the architecture and a slice of the embeddings, stable across dtypes the weights load in.
+
+    Rounding to bfloat16 first makes a float32 load of bf16 weights, and the GGUF they came from, agree.
+    """
+    digest = hashlib.sha256()
+    config = model.config
+    shape = {"arch": type(model).__name__, "hidden": hidden_size(config), "layers": num_hidden_layers(config)}
+    digest.update(json.dumps(shape, sort_keys=True).encode())
+    rows = model.get_input_embeddings().weight[:_FINGERPRINT_ROWS].detach()
+    digest.update(rows.to(torch.bfloat16).view(torch.int16).cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def load(source: ModelSource, device: str = "cpu", dtype: torch.dtype = torch.float32) -> LoadedModel:
+    tokenizer = AutoTokenizer.from_pretrained(source.path)
+    model = AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype).to(device).eval()
+    model.requires_grad_(False)
+    identity = ModelIdentity(
+        name=source.name,
+        architecture=type(model).__name__,
+        hidden_size=hidden_size(model.config),
+        num_layers=num_hidden_layers(model.config),
+        fingerprint=fingerprint(model),
+    )
+    return LoadedModel(source, model, tokenizer, identity)
+
+
+def context_length(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> int:
+    config = getattr(model.config, "text_config", None) or model.config
+    limits = [getattr(config, a, None) for a in ("max_position_embeddings", "n_positions")]
+    limits.append(tokenizer.model_max_length if tokenizer.model_max_length < 10**9 else None)
+    return min(x for x in limits if isinstance(x, int)) if any(isinstance(x, int) for x in limits) else 2048
+
+
+def eos_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> set[int]:
+    ids: set[int] = set()
+    for value in (getattr(model.generation_config, "eos_token_id", None), tokenizer.eos_token_id):
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, list):
+            ids.update(v for v in value if isinstance(v, int))
+    return ids

@@ -1,0 +1,74 @@
+"""The scoring hook: projects every token's residual stream onto the emotion vectors, on the model's device.
+
+Calibration is folded into the projection, so one ``addmm`` turns a [tokens, hidden] block into z-scores
+[tokens, emotions]: z = (h · d - mean) / std = h · (d / std) - mean / std.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from monitors.layers import residual_from_output
+from vectors.storage import EmotionVectors
+
+
+class Readout:
+    """The affine map from residual rows to calibrated per-emotion z-scores."""
+
+    def __init__(self, vectors: EmotionVectors, device: torch.device | str = "cpu") -> None:
+        std = torch.tensor(vectors.manifest.calibration.std, dtype=torch.float32)
+        mean = torch.tensor(vectors.manifest.calibration.mean, dtype=torch.float32)
+        self.weight_t = (vectors.directions.float() / std[:, None]).T.contiguous().to(device)  # [H, E]
+        self.bias = (-mean / std).to(device)  # [E]
+        self.emotions = list(vectors.emotions)
+
+    def __call__(self, rows: torch.Tensor) -> torch.Tensor:
+        return torch.addmm(self.bias, rows.float(), self.weight_t)
+
+
+@dataclass
+class ScoredRows:
+    """Scores and residual norms for consecutive token rows of one forward pass."""
+
+    z: np.ndarray  # [n_tokens, n_emotions]
+    norms: np.ndarray  # [n_tokens]
+
+
+class ResidualProbe:
+    """A forward hook on one decoder layer that scores every row passing through it.
+
+    The caller runs one sequence per forward pass and calls ``drain`` after each to take the rows.
+    """
+
+    def __init__(self, layer: nn.Module, readout: Readout) -> None:
+        self.readout = readout
+        self.scoring_seconds = 0.0  # cumulative; read by metrics
+        self._pending: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._handle = layer.register_forward_hook(self._on_forward)
+
+    def _on_forward(self, module: nn.Module, inputs: tuple, output: object) -> None:
+        started = time.perf_counter()
+        hidden = residual_from_output(output)
+        rows = hidden.reshape(-1, hidden.shape[-1])
+        z = self.readout(rows)
+        norms = torch.linalg.vector_norm(rows.float(), dim=-1)
+        self._pending.append((z, norms))
+        self.scoring_seconds += time.perf_counter() - started
+
+    def drain(self) -> ScoredRows:
+        """Rows scored since the last drain, in order, moved to the host."""
+        if not self._pending:
+            width = len(self.readout.emotions)
+            return ScoredRows(np.zeros((0, width), np.float32), np.zeros(0, np.float32))
+        z = torch.cat([z for z, _ in self._pending]).cpu().numpy()
+        norms = torch.cat([n for _, n in self._pending]).cpu().numpy()
+        self._pending.clear()
+        return ScoredRows(z, norms)
+
+    def remove(self) -> None:
+        self._handle.remove()

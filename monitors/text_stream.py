@@ -1,0 +1,53 @@
+"""Incremental detokenisation with stop strings, for engines that sample token by token.
+
+Text is released only when it is final: not the tail of a multi-byte character still being spelled out,
+and not a prefix of a stop string that the next token might complete.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+
+class TextStream:
+    def __init__(self, decode: Callable[[Sequence[int]], str], stop: Sequence[str] = ()) -> None:
+        self._decode = decode
+        self._stop = [s for s in stop if s]
+        self._ids: list[int] = []
+        self._released = 0  # characters of the decoded text already returned
+        self.stopped = False
+
+    def push(self, token_id: int) -> str:
+        """Adds a token; returns the text that became final. Sets ``stopped`` on a stop string."""
+        self._ids.append(token_id)
+        text = self._decode(self._ids)
+        for stop in self._stop:
+            at = text.find(stop, max(0, self._released - len(stop)))
+            if at != -1:
+                self.stopped = True
+                return self._release(text, at)
+        end = len(text)
+        if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence
+            end = len(text.rstrip("\ufffd"))
+        end -= self._stop_prefix_len(text[:end])
+        return self._release(text, max(end, self._released))
+
+    def flush(self) -> str:
+        """The held-back text at the end of generation (no stop string completed it)."""
+        return "" if self.stopped else self._release(self._decode(self._ids), None)
+
+    def _release(self, text: str, end: int | None) -> str:
+        end = len(text) if end is None else end
+        piece = text[self._released : end]
+        self._released = max(self._released, end)
+        return piece
+
+    def _stop_prefix_len(self, text: str) -> int:
+        """Length of the longest suffix of ``text`` that begins some stop string."""
+        longest = 0
+        for stop in self._stop:
+            for n in range(min(len(stop) - 1, len(text)), longest, -1):
+                if text.endswith(stop[:n]):
+                    longest = n
+                    break
+        return longest

@@ -1,0 +1,1 @@
+"""The limbic service: OpenAI-compatible API, CLI and configuration."""

@@ -1,0 +1,140 @@
+"""The FastAPI application: OpenAI-compatible endpoints plus metrics, alerts and analysis."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+from fastapi import FastAPI, Query, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from monitors.engine import Engine
+from monitors.session import Monitor
+from service import completions, errors, runtime
+from service.analysis import TextTooLong, analyze_text
+from service.config import Settings
+from service.errors import APIError
+from service.protocol import AnalyzeRequest, ChatCompletionRequest, CompletionRequest
+
+
+@dataclass
+class State:
+    settings: Settings
+    engine: Engine
+    monitor: Monitor
+    served_names: list[str]
+    started: float
+
+
+def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
+    """The app; ``engine`` lets a caller reuse a loaded engine (otherwise the lifespan loads one)."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        active = engine or await asyncio.to_thread(runtime.load_engine, settings)
+        sink = await runtime.open_sink(settings)
+        monitor = runtime.build_monitor(settings, active, sink)
+        app.state.limbic = State(settings, active, monitor, [active.model_name], time.time())
+        try:
+            yield
+        finally:
+            await sink.close()
+            if engine is None:
+                await active.close()
+
+    app = FastAPI(title="limbic", version="0.1.0", lifespan=lifespan)
+    errors.install(app)
+
+    def state(request: Request) -> State:
+        return request.app.state.limbic
+
+    async def _run(request: Request, body: ChatCompletionRequest | CompletionRequest) -> Response:
+        s = state(request)
+        completion = completions.prepare(s.engine, s.monitor, body, s.served_names)
+        if body.stream:
+            return StreamingResponse(
+                completions.stream(completion),
+                media_type="text/event-stream",
+                headers={"X-Request-Id": completion.id, "Cache-Control": "no-cache"},
+            )
+        result = await completions.complete(completion)
+        return JSONResponse(result, headers={"X-Request-Id": completion.id})
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request, body: ChatCompletionRequest) -> Response:
+        return await _run(request, body)
+
+    @app.post("/v1/completions")
+    async def text_completions(request: Request, body: CompletionRequest) -> Response:
+        return await _run(request, body)
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> dict:
+        s = state(request)
+        return {
+            "object": "list",
+            "data": [
+                {
+                    "id": name,
+                    "object": "model",
+                    "created": int(s.started),
+                    "owned_by": "limbic",
+                    "max_model_len": s.engine.context_length,
+                    "limbic": {"layer": s.engine.vectors.manifest.layer, "emotions": len(s.engine.vectors.emotions)},
+                }
+                for name in s.served_names
+            ],
+        }
+
+    @app.post("/v1/analyze")
+    async def analyze(request: Request, body: AnalyzeRequest) -> dict:
+        s = state(request)
+        if body.model is not None and body.model not in s.served_names:
+            raise APIError(404, f"The model `{body.model}` does not exist.", param="model", code="model_not_found")
+        results = []
+        for n, item in enumerate(body.texts):
+            try:
+                results.append(await analyze_text(s.engine, item.id, item.text))
+            except (TextTooLong, ValueError) as exc:
+                raise APIError(400, f"texts[{n}]: {exc}", param=f"texts.{n}.text") from exc
+        return {"object": "list", "model": s.engine.model_name, "data": results}
+
+    @app.get("/v1/alerts")
+    async def alerts(
+        request: Request,
+        limit: int = Query(default=100, ge=1, le=1000),
+        emotion: str | None = None,
+        severity: str | None = Query(default=None, pattern="^(warning|critical)$"),
+    ) -> dict:
+        s = state(request)
+        # Filters apply to the newest `alert_capacity` events; fetch enough to fill `limit` after them.
+        fetch = limit if emotion is None and severity is None else s.settings.alert_capacity
+        events = [
+            e
+            for e in await s.monitor.sink.recent(fetch)
+            if (emotion is None or e["emotion"] == emotion) and (severity is None or e["severity"] == severity)
+        ]
+        return {"object": "list", "sink": s.monitor.sink.name, "data": events[:limit]}
+
+    @app.get("/metrics")
+    async def metrics(request: Request) -> Response:
+        return Response(generate_latest(state(request).monitor.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/healthz")
+    async def healthz(request: Request) -> dict:
+        s = state(request)
+        return {
+            "status": "ok",
+            "model": s.engine.model_name,
+            "fingerprint": s.engine.identity.fingerprint,
+            "layer": s.engine.vectors.manifest.layer,
+            "emotions": len(s.engine.vectors.emotions),
+            "alert_sink": s.monitor.sink.name,
+            "uptime_s": round(time.time() - s.started, 1),
+        }
+
+    return app

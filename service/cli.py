@@ -1,0 +1,211 @@
+"""The ``limbic`` command: serve, analyze, and build or inspect vector sets."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any, TextIO
+
+from service.config import Settings
+
+
+def _settings(args: argparse.Namespace, **extra: Any) -> Settings:
+    overrides = {k: v for k, v in vars(args).items() if k in Settings.model_fields and v is not None}
+    return Settings(**overrides, **extra)
+
+
+def _fail(message: str) -> int:
+    print(f"limbic: error: {message}", file=sys.stderr)
+    return 2
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from service import runtime
+    from service.app import create_app
+
+    settings = _settings(args)
+    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        engine = runtime.load_engine(settings)
+        asyncio.run(_probe_sink(settings))
+    except runtime.StartupError as exc:
+        return _fail(str(exc))
+    print(
+        f"limbic: serving {engine.model_name} on http://{settings.host}:{settings.port}/v1 "
+        f"(layer {engine.vectors.manifest.layer}, {len(engine.vectors.emotions)} emotions)",
+        file=sys.stderr,
+    )
+    uvicorn.run(create_app(settings, engine), host=settings.host, port=settings.port, log_level="info")
+    return 0
+
+
+async def _probe_sink(settings: Settings) -> None:
+    from service import runtime
+
+    sink = await runtime.open_sink(settings)
+    await sink.close()
+
+
+def _read_items(stream: TextIO) -> Iterable[tuple[int, dict | None, str | None]]:
+    for lineno, line in enumerate(stream, 1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as exc:
+            yield lineno, None, f"line {lineno}: not JSON ({exc.msg})"
+            continue
+        if not isinstance(item, dict) or not isinstance(item.get("text"), str) or not item["text"]:
+            yield (
+                lineno,
+                item if isinstance(item, dict) else None,
+                f'line {lineno}: expected {{"id": ..., "text": "..."}}',
+            )
+            continue
+        yield lineno, item, None
+
+
+def cmd_analyze(args: argparse.Namespace) -> int:
+    from service import runtime
+    from service.analysis import analyze_text
+
+    settings = _settings(args)
+    try:
+        engine = runtime.load_engine(settings)
+    except runtime.StartupError as exc:
+        return _fail(str(exc))
+    source = open(args.file) if args.file not in (None, "-") else sys.stdin  # noqa: SIM115
+    failures = 0
+
+    async def run() -> None:
+        nonlocal failures
+        for _, item, problem in _read_items(source):
+            item_id = item.get("id") if item else None
+            if problem is None:
+                try:
+                    result = await analyze_text(engine, item_id, item["text"])
+                except ValueError as exc:
+                    problem = str(exc)
+            if problem is not None:
+                failures += 1
+                print(f"limbic analyze: {problem}", file=sys.stderr)
+                result = {"id": item_id, "error": problem}
+            print(json.dumps(result), flush=True)
+        await engine.close()
+
+    try:
+        asyncio.run(run())
+    finally:
+        if source is not sys.stdin:
+            source.close()
+    return 1 if failures else 0
+
+
+def cmd_vectors_extract(args: argparse.Namespace) -> int:
+    from monitors import hf_model, model_source
+    from vectors import storage
+    from vectors.extraction import ExtractionConfig, extract
+
+    try:
+        source = model_source.resolve(args.model)
+    except model_source.ModelSourceError as exc:
+        return _fail(str(exc))
+    out = Path(args.out) if args.out else storage.bundled_folder(source.name)
+    loaded = hf_model.load(source)
+    config = ExtractionConfig(
+        emotions=args.emotions.split(",") if args.emotions else None,
+        layer=args.layer,
+        skip_tokens=args.skip_tokens,
+        stories_per_emotion=args.stories_per_emotion,
+        neutral_dialogues=args.neutral_dialogues,
+    )
+    try:
+        vectors = extract(loaded, config)
+    except (ValueError, FileNotFoundError) as exc:
+        return _fail(str(exc))
+    vectors.save(out)
+    sweep = vectors.manifest.extraction["layer_sweep_heldout_top1"]
+    print(f"limbic: wrote {len(vectors.emotions)} vectors at layer {vectors.manifest.layer} to {out}", file=sys.stderr)
+    print(f"limbic: held-out top-1 by layer: {sweep}", file=sys.stderr)
+    return 0
+
+
+def cmd_vectors_show(args: argparse.Namespace) -> int:
+    from monitors import model_source
+    from vectors import storage
+
+    folder = Path(args.vectors) if args.vectors else storage.bundled_folder(model_source.DEFAULT_MODEL_NAME)
+    try:
+        vectors = storage.load(folder)
+    except storage.VectorFileError as exc:
+        return _fail(str(exc))
+    m = vectors.manifest
+    print(
+        json.dumps(
+            {
+                "folder": str(folder),
+                "model": vars(m.model),
+                "layer": m.layer,
+                "emotions": m.emotions,
+                "extraction": m.extraction,
+            },
+            indent=2,
+        )
+    )
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="limbic", description="Emotion-vector safety monitor for LLMs.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    def model_flags(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--model", help="local Hugging Face folder or .gguf file (default: SmolLM2-135M-Instruct)")
+        p.add_argument("--vectors", type=Path, help="vector set folder (default: the bundled set for the model)")
+
+    serve = commands.add_parser("serve", help="start the OpenAI-compatible server")
+    model_flags(serve)
+    serve.add_argument("--host")
+    serve.add_argument("--port", type=int)
+    serve.add_argument("--served-model-name", dest="served_model_name")
+    serve.add_argument("--redis-url", dest="redis_url", help="keep alert events in this Redis (else in memory)")
+    serve.add_argument("--device", help="torch device, e.g. cpu or cuda")
+    serve.set_defaults(func=cmd_serve)
+
+    analyze = commands.add_parser("analyze", help="score JSON lines {id, text} as plain text")
+    model_flags(analyze)
+    analyze.add_argument("file", nargs="?", help="input file (default: stdin)")
+    analyze.set_defaults(func=cmd_analyze)
+
+    vectors = commands.add_parser("vectors", help="build or inspect emotion vectors").add_subparsers(
+        dest="vectors_command", required=True
+    )
+    extract = vectors.add_parser("extract", help="extract vectors from the story corpus")
+    extract.add_argument("--model", help="local Hugging Face folder or .gguf file (default: the default model)")
+    extract.add_argument("--out", help="output folder (default: the bundled folder for the model)")
+    extract.add_argument("--layer", type=int, help="monitored layer (default: two thirds deep)")
+    extract.add_argument("--emotions", help="comma-separated subset (default: all with stories)")
+    extract.add_argument("--skip-tokens", type=int, default=50, help="average story tokens from this one on")
+    extract.add_argument("--stories-per-emotion", type=int, help="cap per emotion and split (quick runs)")
+    extract.add_argument("--neutral-dialogues", type=int, help="cap on neutral dialogues (quick runs)")
+    extract.set_defaults(func=cmd_vectors_extract)
+    show = vectors.add_parser("show", help="print a vector set's manifest")
+    show.add_argument("--vectors", help="vector set folder (default: the bundled default)")
+    show.set_defaults(func=cmd_vectors_show)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,40 @@
+"""Settings, from the environment (``LIMBIC_*``, plus ``REDIS_URL``) and overridden by CLI flags."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import AliasChoices, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from monitors.alerts import AlertRule
+
+
+def _default_rules() -> dict[str, AlertRule]:
+    # Desperation and panic first: the paper ties them to blackmail and reward hacking.
+    return {
+        "desperate": AlertRule(warning=3.0, critical=5.0),
+        "panicked": AlertRule(warning=3.0, critical=5.0),
+    }
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="LIMBIC_", extra="ignore")
+
+    model: str | None = Field(default=None, description="local HF folder or .gguf; None = the default model")
+    vectors: Path | None = Field(default=None, description="vector set folder; None = the bundled set")
+    served_model_name: str | None = Field(default=None, description="name clients send as `model`")
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=1, le=65535)
+    device: str = "cpu"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+
+    redis_url: str | None = Field(default=None, validation_alias=AliasChoices("LIMBIC_REDIS_URL", "REDIS_URL"))
+    redis_stream: str = "limbic:alerts"
+    alert_capacity: int = Field(default=10_000, ge=1, description="events kept in the stream or ring buffer")
+    # JSON, e.g. LIMBIC_ALERT_RULES='{"desperate": {"warning": 2.5, "critical": 4, "min_tokens": 3}}';
+    # it replaces the default rule set.
+    alert_rules: dict[str, AlertRule] = Field(default_factory=_default_rules)
+    alert_include_text: bool = Field(default=False, description="opt in: alert events carry the tokens' text")
+    log_level: str = "INFO"

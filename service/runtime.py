@@ -1,0 +1,81 @@
+"""Builds what a command needs from settings: the model, its vectors, the engine and the monitor."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from monitors import hf_model, model_source
+from monitors.hf_engine import TransformersEngine
+from monitors.metrics import Metrics
+from monitors.session import Monitor
+from monitors.sinks import AlertSink, MemorySink, RedisStreamSink
+from service.config import Settings
+from vectors import storage
+
+log = logging.getLogger(__name__)
+
+
+class StartupError(RuntimeError):
+    """A configuration problem that stops start-up; the message names the fix."""
+
+
+def _rebuild_hint(model: str | None) -> str:
+    model_arg = f" --model {model}" if model else ""
+    return f"limbic vectors extract{model_arg} --out DIR, then start with --vectors DIR"
+
+
+def load_engine(settings: Settings) -> TransformersEngine:
+    try:
+        source = model_source.resolve(settings.model)
+    except model_source.ModelSourceError as exc:
+        raise StartupError(str(exc)) from exc
+    if settings.served_model_name:
+        source = model_source.ModelSource(settings.served_model_name, source.path)
+    folder = settings.vectors or storage.bundled_folder(
+        model_source.DEFAULT_MODEL_NAME if settings.model in (None, "default") else source.name
+    )
+    if not Path(folder).is_dir():
+        raise StartupError(
+            f"no emotion vectors for this model at {folder}: build them with {_rebuild_hint(settings.model)}"
+        )
+    try:
+        vectors = storage.load(Path(folder))
+    except storage.VectorFileError as exc:
+        raise StartupError(f"{exc}. Rebuild with {_rebuild_hint(settings.model)}") from exc
+    loaded = hf_model.load(source, device=settings.device, dtype=getattr(torch, settings.dtype))
+    try:
+        storage.check_matches(vectors, loaded.identity, _rebuild_hint(settings.model))
+    except storage.VectorFileError as exc:
+        raise StartupError(str(exc)) from exc
+    unknown = sorted(set(settings.alert_rules) - set(vectors.emotions))
+    if unknown:
+        raise StartupError(
+            f"alert rules name emotions the vector set lacks: {unknown}; known: {', '.join(vectors.emotions)}"
+        )
+    return TransformersEngine(loaded, vectors)
+
+
+async def open_sink(settings: Settings) -> AlertSink:
+    if not settings.redis_url:
+        return MemorySink(settings.alert_capacity)
+    try:
+        return await RedisStreamSink.connect(settings.redis_url, settings.redis_stream, settings.alert_capacity)
+    except ConnectionError as exc:
+        raise StartupError(str(exc)) from exc
+
+
+def build_monitor(settings: Settings, engine: TransformersEngine, sink: AlertSink) -> Monitor:
+    vectors = engine.vectors
+    metrics = Metrics(list(vectors.emotions), engine.model_name, engine.scoring_seconds)
+    return Monitor(
+        model=engine.model_name,
+        emotions=list(vectors.emotions),
+        rules=dict(settings.alert_rules),
+        metrics=metrics,
+        sink=sink,
+        sink_norm=vectors.manifest.calibration.sink_norm,
+        include_text=settings.alert_include_text,
+    )

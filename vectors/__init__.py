@@ -1,0 +1,1 @@
+"""Emotion concepts, the story corpus, vector extraction, storage and validation."""

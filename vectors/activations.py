@@ -1,0 +1,85 @@
+"""Reads residual-stream activations out of a Hugging Face model for extraction and calibration."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
+import torch
+from tqdm import tqdm
+
+from monitors.hf_model import LoadedModel
+from monitors.layers import decoder_layers, residual_from_output
+
+
+@contextmanager
+def tap_layers(loaded: LoadedModel, layers: Sequence[int]) -> Iterator[dict[int, torch.Tensor]]:
+    """While open, each forward pass leaves layer index -> residual [batch, tokens, hidden] in the dict."""
+    captured: dict[int, torch.Tensor] = {}
+    modules = decoder_layers(loaded.model)
+
+    def hook_for(index: int):
+        def hook(module: torch.nn.Module, inputs: tuple, output: object) -> None:
+            captured[index] = residual_from_output(output).detach()
+
+        return hook
+
+    handles = [modules[i].register_forward_hook(hook_for(i)) for i in layers]
+    try:
+        yield captured
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _batches(items: Sequence, size: int) -> Iterator[Sequence]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+@torch.inference_mode()
+def mean_activations(
+    loaded: LoadedModel,
+    token_lists: Sequence[Sequence[int]],
+    layers: Sequence[int],
+    skip_tokens: int,
+    batch_size: int = 8,
+    desc: str | None = None,
+) -> torch.Tensor:
+    """Per-text mean residual over tokens from ``skip_tokens`` on, at each layer: [texts, layers, hidden].
+
+    Short texts start at half their length instead, so every text contributes its later tokens. Texts are
+    right-padded into batches; causal attention keeps padding from touching real positions.
+    """
+    out = []
+    pad = loaded.tokenizer.pad_token_id or 0
+    with tap_layers(loaded, layers) as captured, tqdm(total=len(token_lists), desc=desc, disable=not desc) as bar:
+        for batch in _batches(token_lists, batch_size):
+            width = max(len(ids) for ids in batch)
+            ids = torch.full((len(batch), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(batch), width), dtype=torch.long)
+            weights = torch.zeros((len(batch), width))
+            for row, tokens in enumerate(batch):
+                ids[row, : len(tokens)] = torch.tensor(tokens)
+                mask[row, : len(tokens)] = 1
+                start = min(skip_tokens, len(tokens) // 2)
+                weights[row, start : len(tokens)] = 1.0 / (len(tokens) - start)
+            loaded.model.base_model(ids.to(loaded.device), attention_mask=mask.to(loaded.device))
+            weights = weights.to(loaded.device)
+            stacked = torch.stack([captured[i].float() for i in layers], dim=1)  # [B, L, T, H]
+            out.append(torch.einsum("blth,bt->blh", stacked, weights).cpu())
+            bar.update(len(batch))
+    return torch.cat(out)
+
+
+@torch.inference_mode()
+def token_activations(
+    loaded: LoadedModel, token_lists: Sequence[Sequence[int]], layer: int, desc: str | None = None
+) -> torch.Tensor:
+    """Every token's residual at ``layer``, texts concatenated: [total tokens, hidden]."""
+    rows = []
+    with tap_layers(loaded, [layer]) as captured:
+        for tokens in tqdm(token_lists, desc=desc, disable=not desc):
+            loaded.model.base_model(torch.tensor([list(tokens)], device=loaded.device))
+            rows.append(captured[layer][0].float().cpu())
+    return torch.cat(rows)

@@ -1,0 +1,136 @@
+"""Emotion vectors on disk: a safetensors matrix plus a JSON manifest, written atomically.
+
+A vector set is a folder holding ``vectors.safetensors`` (tensor ``directions``, one unit-norm row per
+emotion, float32) and ``manifest.json`` (model identity, layer, emotion names, calibration). The manifest
+is what the service checks at start-up against the model it loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+TENSORS = "vectors.safetensors"
+BUNDLED = Path(__file__).parent / "data"
+
+
+class VectorFileError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class ModelIdentity:
+    name: str
+    architecture: str
+    hidden_size: int
+    num_layers: int
+    fingerprint: str  # a hash of a sample of the weights; see monitors.fingerprint
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Per-emotion mean and std of raw projections on neutral text: score = (projection - mean) / std."""
+
+    mean: list[float]
+    std: list[float]
+    # Residual norms above this are attention-sink tokens (position 0 has ~100x the usual norm): scored
+    # but kept out of summaries, histograms and alerts, where their projections would be meaningless.
+    sink_norm: float
+    n_tokens: int
+    source: str
+
+
+@dataclass(frozen=True)
+class Manifest:
+    model: ModelIdentity
+    layer: int
+    emotions: list[str]
+    calibration: Calibration
+    extraction: dict = field(default_factory=dict)
+    format_version: int = FORMAT_VERSION
+
+    @classmethod
+    def from_json(cls, data: dict) -> Manifest:
+        if data.get("format_version") != FORMAT_VERSION:
+            raise VectorFileError(f"unsupported vector format {data.get('format_version')!r}")
+        return cls(
+            model=ModelIdentity(**data["model"]),
+            layer=data["layer"],
+            emotions=list(data["emotions"]),
+            calibration=Calibration(**data["calibration"]),
+            extraction=data.get("extraction", {}),
+        )
+
+
+@dataclass(frozen=True)
+class EmotionVectors:
+    manifest: Manifest
+    directions: torch.Tensor  # [n_emotions, hidden_size], unit-norm rows
+
+    @property
+    def emotions(self) -> list[str]:
+        return self.manifest.emotions
+
+    def save(self, folder: Path) -> None:
+        """Writes the set into ``folder``, replacing any previous set there only once complete."""
+        folder = Path(folder)
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+        try:
+            save_file({"directions": self.directions.float().contiguous()}, str(staging / TENSORS))
+            (staging / MANIFEST).write_text(json.dumps(asdict(self.manifest), indent=2) + "\n")
+            if folder.exists():
+                retired = folder.with_name(f".{folder.name}.old")
+                shutil.rmtree(retired, ignore_errors=True)
+                folder.rename(retired)
+                staging.rename(folder)
+                shutil.rmtree(retired)
+            else:
+                staging.rename(folder)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+
+
+def load(folder: Path) -> EmotionVectors:
+    folder = Path(folder)
+    try:
+        manifest = Manifest.from_json(json.loads((folder / MANIFEST).read_text()))
+        directions = load_file(str(folder / TENSORS))["directions"]
+    except FileNotFoundError as exc:
+        raise VectorFileError(f"{folder} is not a vector set (missing {Path(exc.filename).name})") from exc
+    except (KeyError, TypeError, json.JSONDecodeError) as exc:
+        raise VectorFileError(f"{folder} has a malformed manifest or tensor file: {exc}") from exc
+    expected = (len(manifest.emotions), manifest.model.hidden_size)
+    if tuple(directions.shape) != expected:
+        raise VectorFileError(f"{folder}: directions have shape {tuple(directions.shape)}, manifest says {expected}")
+    return EmotionVectors(manifest, directions)
+
+
+def bundled_folder(model_name: str) -> Path:
+    return BUNDLED / model_name
+
+
+def check_matches(vectors: EmotionVectors, model: ModelIdentity, rebuild_hint: str) -> None:
+    """Refuses a vector set made for another model; the message names the command that builds the right one."""
+    made_for = vectors.manifest.model
+    problems = []
+    if made_for.hidden_size != model.hidden_size:
+        problems.append(f"hidden size {made_for.hidden_size} != model's {model.hidden_size}")
+    if vectors.manifest.layer >= model.num_layers:
+        problems.append(f"layer {vectors.manifest.layer} does not exist in a {model.num_layers}-layer model")
+    if made_for.fingerprint != model.fingerprint:
+        problems.append(f"weights fingerprint {made_for.fingerprint} != model's {model.fingerprint}")
+    if problems:
+        raise VectorFileError(
+            f"the vectors were made for {made_for.name!r}, not this model ({'; '.join(problems)}). "
+            f"Build matching ones with: {rebuild_hint}"
+        )
