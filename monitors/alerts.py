@@ -78,7 +78,7 @@ class AlertTracker:
             column = z[:, self.emotion_index[emotion]]
             for severity, level in rule.levels():
                 state = self._state.setdefault((emotion, severity), _LevelState())
-                for offset in np.flatnonzero(keep):
+                for offset in np.flatnonzero(keep).tolist():
                     score = float(column[offset])
                     if score >= level:
                         if state.run == 0:

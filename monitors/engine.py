@@ -26,6 +26,7 @@ class SamplingParams:
     seed: int | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    ignore_eos: bool = False  # vLLM's extension: run to max_tokens (benchmarks, tests)
 
 
 @dataclass

@@ -114,7 +114,7 @@ class TransformersEngine:
             counts[token] += 1
             generated += 1
             finish = None
-            if token in self._eos:
+            if token in self._eos and not params.ignore_eos:
                 finish, delta = "stop", text.flush()
             else:
                 delta = text.push(token)

@@ -33,8 +33,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     settings = _settings(args)
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
+        asyncio.run(_probe_sink(settings))  # fail fast, before the model loads
         engine = runtime.load_engine(settings)
-        asyncio.run(_probe_sink(settings))
     except runtime.StartupError as exc:
         return _fail(str(exc))
     print(
@@ -203,8 +203,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from pydantic import ValidationError
+
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except ValidationError as exc:  # a malformed LIMBIC_* variable or flag
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        return _fail(f"invalid settings: {problems}")
 
 
 if __name__ == "__main__":

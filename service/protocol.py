@@ -48,6 +48,7 @@ class _Sampling(_Unsupported):
     seed: int | None = None
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    ignore_eos: bool = Field(default=False, description="vLLM's extension: generate until max_tokens")
     user: str | None = None  # accepted for compatibility; never stored or used as a label
     limbic: LimbicOptions = Field(default_factory=LimbicOptions)
 
@@ -65,6 +66,7 @@ class _Sampling(_Unsupported):
             seed=self.seed,
             presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty,
+            ignore_eos=self.ignore_eos,
         )
 
 

@@ -2,10 +2,16 @@
 
 1. Mean residual per story (tokens from the 50th on), at every layer in one pass.
 2. Mean per emotion, minus the mean over emotions.
-3. Project out the top principal components of neutral-dialogue activations (50% of their variance).
+3. Project out the top principal components of neutral-dialogue activations (50% of their variance), and
+   the genre direction: the mean of all stories minus the mean of the neutral dialogues read as plain text.
 4. Calibrate: mean and std of each vector's projection on neutral chat tokens, so scores are z-scores.
 A layer sweep records how well held-out stories separate at each layer; the monitored layer defaults to
 two thirds of the depth.
+
+The genre direction is our addition to the paper's recipe. On a small model, stories and assistant chat
+differ along directions that every emotion vector partly contains, so without it a plain chat message can
+outscore a desperate story on `desperate` (held-out AUROC of desperate stories against neutral text was 0.6
+to 0.8 on SmolLM2-135M; with it, 1.0, while desperate-against-other-emotions stayed at 0.99).
 """
 
 from __future__ import annotations
@@ -58,15 +64,21 @@ def neutral_components(rows: torch.Tensor, variance: float) -> torch.Tensor:
     return vt[:k]
 
 
-def project_out(vectors: torch.Tensor, components: torch.Tensor) -> torch.Tensor:
-    return vectors - (vectors @ components.T) @ components
+def project_out(vectors: torch.Tensor, directions: torch.Tensor) -> torch.Tensor:
+    """Removes the span of ``directions`` [k, hidden] (any k, not necessarily orthonormal) from ``vectors``."""
+    basis, _ = torch.linalg.qr(directions.T)  # [hidden, k], orthonormal
+    return vectors - (vectors @ basis) @ basis.T
 
 
-def nearest_direction_accuracy(story_means: torch.Tensor, labels: torch.Tensor, directions: torch.Tensor) -> float:
-    """Share of stories whose centred mean is closest in cosine to their own emotion's direction."""
-    centered = story_means - story_means.mean(0)
-    sims = torch.nn.functional.normalize(centered, dim=-1) @ torch.nn.functional.normalize(directions, dim=-1).T
-    return float((sims.argmax(-1) == labels).float().mean())
+def heldout_top1(train: torch.Tensor, heldout: torch.Tensor, labels: torch.Tensor, directions: torch.Tensor) -> float:
+    """Share of held-out stories whose highest-scoring vector is their own emotion's.
+
+    Each vector's projections are standardised with the train stories' mean and std first, so that a
+    vector with a large offset does not win every story.
+    """
+    train_proj, heldout_proj = train @ directions.T, heldout @ directions.T
+    z = (heldout_proj - train_proj.mean(0)) / train_proj.std(0).clamp(min=1e-6)
+    return float((z.argmax(-1) == labels).float().mean())
 
 
 def _tokenised_stories(loaded: LoadedModel, emotions: Sequence[str], split: corpus.Split, limit: int | None):
@@ -78,16 +90,20 @@ def _tokenised_stories(loaded: LoadedModel, emotions: Sequence[str], split: corp
     return ids, torch.tensor(labels)
 
 
-def _tokenised_dialogues(loaded: LoadedModel, split: corpus.Split, limit: int | None) -> list[list[int]]:
-    out = []
-    for messages in corpus.load_neutral_dialogues(split, limit):
-        encoded = loaded.tokenizer.apply_chat_template(messages, tokenize=True)
-        out.append(list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded))
-    return out
+def _as_plain_text(messages: list[dict]) -> str:
+    return "\n".join(m["content"] for m in messages)
+
+
+def _chat_ids(loaded: LoadedModel, messages: list[dict]) -> list[int]:
+    encoded = loaded.tokenizer.apply_chat_template(messages, tokenize=True)
+    return list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
 
 
 def extract(loaded: LoadedModel, config: ExtractionConfig = ExtractionConfig()) -> EmotionVectors:
     emotions = list(config.emotions or corpus.available_emotions())
+    missing = sorted(set(emotions) - set(corpus.available_emotions()))
+    if missing:
+        raise ValueError(f"no stories for {missing} in {corpus.DATA / 'stories'}")
     if len(emotions) < 2:
         raise ValueError("difference of means needs at least two emotions with stories")
     n_layers = loaded.identity.num_layers
@@ -106,21 +122,30 @@ def extract(loaded: LoadedModel, config: ExtractionConfig = ExtractionConfig()) 
         loaded, heldout_ids, all_layers, config.skip_tokens, config.batch_size, desc("held-out stories")
     )
 
+    dialogues = corpus.load_neutral_dialogues("train", config.neutral_dialogues)
+    plain = [loaded.tokenizer.encode(_as_plain_text(d), add_special_tokens=False) for d in dialogues]
+    neutral_plain = mean_activations(
+        loaded, plain, all_layers, config.skip_tokens, config.batch_size, desc("neutral dialogues as text")
+    )
+    genre = train.mean(0) - neutral_plain.mean(0)  # [L, H]
+
     means = class_means(train, train_labels, len(emotions))  # [E, L, H]
     raw = means - means.mean(0, keepdim=True)
     sweep = [
-        nearest_direction_accuracy(heldout[:, i], heldout_labels, raw[:, i]) if len(heldout) else float("nan")
+        heldout_top1(train[:, i], heldout[:, i], heldout_labels, project_out(raw[:, i], genre[i : i + 1]))
+        if len(heldout)
+        else float("nan")
         for i in all_layers
     ]
 
-    neutral = token_activations(
-        loaded, _tokenised_dialogues(loaded, "train", config.neutral_dialogues), layer, desc("neutral dialogues")
-    )
+    chats = [_chat_ids(loaded, d) for d in dialogues]
+    neutral = token_activations(loaded, chats, layer, desc("neutral dialogues as chat"))
     norms = neutral.norm(dim=-1)
     sink_norm = float(norms.median()) * SINK_NORM_RATIO
     neutral = neutral[norms < sink_norm]
     components = neutral_components(neutral, config.denoise_variance)
-    directions = torch.nn.functional.normalize(project_out(raw[:, layer], components), dim=-1)
+    removed = torch.cat([components, genre[layer : layer + 1]])
+    directions = torch.nn.functional.normalize(project_out(raw[:, layer], removed), dim=-1)
 
     projections = neutral @ directions.T
     manifest = Manifest(
@@ -136,7 +161,7 @@ def extract(loaded: LoadedModel, config: ExtractionConfig = ExtractionConfig()) 
         ),
         extraction={
             "method": "difference of means over emotion stories minus mean over emotions; "
-            "neutral principal components projected out",
+            "neutral principal components and the story-vs-neutral genre direction projected out",
             "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
             "skip_tokens": config.skip_tokens,
             "denoise_variance": config.denoise_variance,
@@ -145,6 +170,7 @@ def extract(loaded: LoadedModel, config: ExtractionConfig = ExtractionConfig()) 
             "heldout_stories": len(heldout_ids),
             "neutral_tokens": len(neutral),
             "layer_sweep_heldout_top1": [round(a, 4) for a in sweep],
+            "layer_sweep_note": "held-out top-1 over the emotions, genre direction removed, before neutral PCs",
         },
     )
     return EmotionVectors(manifest, directions.contiguous())

@@ -87,6 +87,10 @@ class EmotionVectors:
         try:
             save_file({"directions": self.directions.float().contiguous()}, str(staging / TENSORS))
             (staging / MANIFEST).write_text(json.dumps(asdict(self.manifest), indent=2) + "\n")
+            # mkdtemp makes a private folder; a vector set is read by other users (the container's `nobody`).
+            staging.chmod(0o755)
+            for path in staging.iterdir():
+                path.chmod(0o644)
             if folder.exists():
                 retired = folder.with_name(f".{folder.name}.old")
                 shutil.rmtree(retired, ignore_errors=True)

@@ -47,9 +47,7 @@ def check_story_file(path: Path, emotions: list[str]) -> list[str]:
 
 
 def main(argv: list[str]) -> int:
-    emotions = Path(__file__).parents[2] / "vectors" / "concepts_emotions.txt"
-    names = emotions.read_text().split("\n") if emotions.exists() else []
-    names = [n for n in names if n]
+    names = list(all_emotions())
     files = [Path(a) for a in argv] or sorted((DATA / "stories").glob("*.jsonl"))
     problems = [p for f in files if f.parent.name == "stories" for p in check_story_file(f, names)]
     for problem in problems:

@@ -21,6 +21,7 @@ def _stemmer() -> snowballstemmer.stemmer:
     return snowballstemmer.stemmer("english")
 
 
+@lru_cache(maxsize=65536)
 def _stem(word: str) -> str:
     return _stemmer().stemWord(word)
 

@@ -1,0 +1,57 @@
+from __future__ import annotations
+
+import itertools
+import json
+
+import pytest
+
+from vectors import corpus
+from vectors.concepts import PRIORITY, all_emotions, file_stem
+from vectors.corpus.check import expected_person, expected_topic
+from vectors.corpus.labels import forbidden_hits
+
+
+def test_label_check_catches_stems_and_phrases():
+    assert forbidden_hits("She waited, desperately.", "desperate") == ["desperately"]
+    assert forbidden_hits("A wave of panic.", "panicked") == ["panic"]
+    assert forbidden_hits("He felt at ease.", "at ease") == ["at ease"]
+    assert forbidden_hits("She was confidently wrong.", "self-confident") == ["confidently"]
+    assert forbidden_hits("It happened on Monday; he made tea.", "happy") == []
+    assert forbidden_hits("He made it.", "mad") == []
+
+
+def test_emotion_list_is_the_papers():
+    assert len(all_emotions()) == 171 and set(PRIORITY) <= set(all_emotions())
+
+
+@pytest.mark.parametrize("emotion", corpus.available_emotions())
+def test_stories_never_name_their_emotion_and_follow_the_plan(emotion):
+    stories = corpus.load_stories(emotion)
+    position = all_emotions().index(emotion)
+    assert len(stories) >= 30
+    for story in stories:
+        assert story.emotion == emotion
+        assert story.topic == expected_topic(position, story.index)
+        assert story.person == expected_person(story.index)
+        assert not forbidden_hits(story.text, emotion), (story.index, forbidden_hits(story.text, emotion))
+
+
+def test_split_is_fixed_by_topic():
+    for emotion in PRIORITY:
+        heldout = corpus.load_stories(emotion, "heldout")
+        train = corpus.load_stories(emotion, "train")
+        assert heldout and train
+        assert {s.topic % 5 for s in heldout} == {4} and 4 not in {s.topic % 5 for s in train}
+
+
+def test_neutral_dialogues_cover_every_topic():
+    rows = [json.loads(line) for line in (corpus.DATA / "neutral_dialogues.jsonl").read_text().splitlines()]
+    assert {r["topic"] for r in rows} == set(range(100))
+    for row in rows:
+        roles = [m["role"] for m in row["messages"]]
+        assert roles[0] == "user" and all(a != b for a, b in itertools.pairwise(roles))
+
+
+def test_files_are_named_after_their_emotion():
+    for path in (corpus.DATA / "stories").glob("*.jsonl"):
+        assert path.stem in {file_stem(e) for e in all_emotions()}
