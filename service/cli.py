@@ -162,6 +162,15 @@ def cmd_vectors_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def _layer_arg(value: str) -> int | str:
+    if value == "auto":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a layer number or 'auto', got {value!r}") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="limbic", description="Emotion-vector safety monitor for LLMs.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -190,7 +199,9 @@ def build_parser() -> argparse.ArgumentParser:
     extract = vectors.add_parser("extract", help="extract vectors from the story corpus")
     extract.add_argument("--model", help="local Hugging Face folder or .gguf file (default: the default model)")
     extract.add_argument("--out", help="output folder (default: the bundled folder for the model)")
-    extract.add_argument("--layer", type=int, help="monitored layer (default: two thirds deep)")
+    extract.add_argument(
+        "--layer", type=_layer_arg, help="monitored layer, or 'auto' for the sweep's best (default: two thirds deep)"
+    )
     extract.add_argument("--emotions", help="comma-separated subset (default: all with stories)")
     extract.add_argument("--skip-tokens", type=int, default=50, help="average story tokens from this one on")
     extract.add_argument("--stories-per-emotion", type=int, help="cap per emotion and split (quick runs)")

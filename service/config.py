@@ -11,14 +11,6 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from monitors.alerts import AlertRule
 
 
-def _default_rules() -> dict[str, AlertRule]:
-    # Desperation and panic first: the paper ties them to blackmail and reward hacking.
-    return {
-        "desperate": AlertRule(warning=3.0, critical=5.0),
-        "panicked": AlertRule(warning=3.0, critical=5.0),
-    }
-
-
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="LIMBIC_", extra="ignore")
 
@@ -34,7 +26,7 @@ class Settings(BaseSettings):
     redis_stream: str = "limbic:alerts"
     alert_capacity: int = Field(default=10_000, ge=1, description="events kept in the stream or ring buffer")
     # JSON, e.g. LIMBIC_ALERT_RULES='{"desperate": {"warning": 2.5, "critical": 4, "min_tokens": 3}}';
-    # it replaces the default rule set.
-    alert_rules: dict[str, AlertRule] = Field(default_factory=_default_rules)
+    # it replaces the default rules: desperate and panicked at the vector set's calibrated thresholds.
+    alert_rules: dict[str, AlertRule] | None = None
     alert_include_text: bool = Field(default=False, description="opt in: alert events carry the tokens' text")
     log_level: str = "INFO"

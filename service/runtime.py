@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from monitors import hf_model, model_source
+from monitors.alerts import AlertRule
 from monitors.hf_engine import TransformersEngine
 from monitors.metrics import Metrics
 from monitors.session import Monitor
@@ -50,7 +51,7 @@ def load_engine(settings: Settings) -> TransformersEngine:
         storage.check_matches(vectors, loaded.identity, _rebuild_hint(settings.model))
     except storage.VectorFileError as exc:
         raise StartupError(str(exc)) from exc
-    unknown = sorted(set(settings.alert_rules) - set(vectors.emotions))
+    unknown = sorted(set(settings.alert_rules or {}) - set(vectors.emotions))
     if unknown:
         raise StartupError(
             f"alert rules name emotions the vector set lacks: {unknown}; known: {', '.join(vectors.emotions)}"
@@ -67,13 +68,33 @@ async def open_sink(settings: Settings) -> AlertSink:
         raise StartupError(str(exc)) from exc
 
 
+# Desperation and panic first: the paper ties them to blackmail and reward hacking.
+DEFAULT_ALERT_EMOTIONS = ("desperate", "panicked")
+FALLBACK_RULE = AlertRule(warning=3.0, critical=5.0)
+
+
+def default_rules(vectors: storage.EmotionVectors) -> dict[str, AlertRule]:
+    """Rules for desperate and panicked at the thresholds calibrated on held-out neutral chat."""
+    rules = {}
+    thresholds = vectors.manifest.thresholds
+    for emotion in DEFAULT_ALERT_EMOTIONS:
+        if emotion not in vectors.emotions:
+            continue
+        if thresholds is None:
+            rules[emotion] = FALLBACK_RULE
+        else:
+            i = vectors.emotions.index(emotion)
+            rules[emotion] = AlertRule(warning=thresholds.warning[i], critical=thresholds.critical[i])
+    return rules
+
+
 def build_monitor(settings: Settings, engine: TransformersEngine, sink: AlertSink) -> Monitor:
     vectors = engine.vectors
     metrics = Metrics(list(vectors.emotions), engine.model_name, engine.scoring_seconds)
     return Monitor(
         model=engine.model_name,
         emotions=list(vectors.emotions),
-        rules=dict(settings.alert_rules),
+        rules=settings.alert_rules if settings.alert_rules is not None else default_rules(vectors),
         metrics=metrics,
         sink=sink,
         sink_norm=vectors.manifest.calibration.sink_norm,

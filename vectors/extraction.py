@@ -20,6 +20,7 @@ import datetime as dt
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
@@ -27,18 +28,20 @@ from monitors.hf_model import LoadedModel
 from monitors.layers import default_layer
 from vectors import corpus
 from vectors.activations import mean_activations, token_activations
-from vectors.storage import Calibration, EmotionVectors, Manifest
+from vectors.storage import Calibration, EmotionVectors, Manifest, Thresholds
 
 log = logging.getLogger(__name__)
 
 # A token whose residual norm is this many times the median is an attention sink (see Calibration).
 SINK_NORM_RATIO = 10.0
+# Per-token false-positive rates on held-out neutral chat that set the recorded alert thresholds.
+WARNING_FPR, CRITICAL_FPR = 0.01, 0.001
 
 
 @dataclass(frozen=True)
 class ExtractionConfig:
     emotions: Sequence[str] | None = None  # default: every emotion with stories
-    layer: int | None = None  # default: two thirds deep
+    layer: int | Literal["auto"] | None = None  # None: two thirds deep; "auto": the sweep's best middle layer
     skip_tokens: int = 50
     denoise_variance: float = 0.5
     stories_per_emotion: int | None = None  # cap, for quick runs and tests
@@ -81,6 +84,31 @@ def heldout_top1(train: torch.Tensor, heldout: torch.Tensor, labels: torch.Tenso
     return float((z.argmax(-1) == labels).float().mean())
 
 
+def choose_layer(requested: int | Literal["auto"] | None, sweep: list[float]) -> int:
+    """The monitored layer: as requested, the sweep's best in the middle of the model, or two thirds deep."""
+    if isinstance(requested, int):
+        return requested
+    n_layers = len(sweep)
+    if requested == "auto":
+        middle = range(n_layers // 3, max(n_layers // 3 + 1, (5 * n_layers) // 6))
+        return max(middle, key=lambda i: (sweep[i], -abs(i - default_layer(n_layers))))
+    return default_layer(n_layers)
+
+
+def neutral_thresholds(rows: torch.Tensor, directions: torch.Tensor, calibration: Calibration) -> Thresholds:
+    """Per-emotion z-scores exceeded by WARNING_FPR / CRITICAL_FPR of held-out neutral chat tokens."""
+    rows = rows[rows.norm(dim=-1) < calibration.sink_norm]
+    z = (rows @ directions.T - torch.tensor(calibration.mean)) / torch.tensor(calibration.std)
+    return Thresholds(
+        warning_fpr=WARNING_FPR,
+        critical_fpr=CRITICAL_FPR,
+        warning=[round(v, 4) for v in torch.quantile(z, 1 - WARNING_FPR, dim=0).tolist()],
+        critical=[round(v, 4) for v in torch.quantile(z, 1 - CRITICAL_FPR, dim=0).tolist()],
+        n_tokens=len(z),
+        source="neutral dialogues (held-out split), chat template applied, per-token rates",
+    )
+
+
 def _tokenised_stories(loaded: LoadedModel, emotions: Sequence[str], split: corpus.Split, limit: int | None):
     ids, labels = [], []
     for label, emotion in enumerate(emotions):
@@ -107,9 +135,8 @@ def extract(loaded: LoadedModel, config: ExtractionConfig = ExtractionConfig()) 
     if len(emotions) < 2:
         raise ValueError("difference of means needs at least two emotions with stories")
     n_layers = loaded.identity.num_layers
-    layer = default_layer(n_layers) if config.layer is None else config.layer
-    if not 0 <= layer < n_layers:
-        raise ValueError(f"layer {layer} is outside 0..{n_layers - 1}")
+    if isinstance(config.layer, int) and not 0 <= config.layer < n_layers:
+        raise ValueError(f"layer {config.layer} is outside 0..{n_layers - 1}")
     all_layers = list(range(n_layers))
     desc = (lambda text: text) if config.progress else (lambda text: None)
 
@@ -137,6 +164,7 @@ def extract(loaded: LoadedModel, config: ExtractionConfig = ExtractionConfig()) 
         else float("nan")
         for i in all_layers
     ]
+    layer = choose_layer(config.layer, sweep)
 
     chats = [_chat_ids(loaded, d) for d in dialogues]
     neutral = token_activations(loaded, chats, layer, desc("neutral dialogues as chat"))
@@ -148,17 +176,23 @@ def extract(loaded: LoadedModel, config: ExtractionConfig = ExtractionConfig()) 
     directions = torch.nn.functional.normalize(project_out(raw[:, layer], removed), dim=-1)
 
     projections = neutral @ directions.T
+    calibration = Calibration(
+        mean=projections.mean(0).tolist(),
+        std=projections.std(0).clamp(min=1e-6).tolist(),
+        sink_norm=sink_norm,
+        n_tokens=len(neutral),
+        source="neutral dialogues (train split), chat template applied",
+    )
+    heldout_chats = [_chat_ids(loaded, d) for d in corpus.load_neutral_dialogues("heldout", config.neutral_dialogues)]
+    thresholds = neutral_thresholds(
+        token_activations(loaded, heldout_chats, layer, desc("held-out neutral chats")), directions, calibration
+    )
     manifest = Manifest(
         model=loaded.identity,
         layer=layer,
         emotions=emotions,
-        calibration=Calibration(
-            mean=projections.mean(0).tolist(),
-            std=projections.std(0).clamp(min=1e-6).tolist(),
-            sink_norm=sink_norm,
-            n_tokens=len(neutral),
-            source="neutral dialogues (train split), chat template applied",
-        ),
+        calibration=calibration,
+        thresholds=thresholds,
         extraction={
             "method": "difference of means over emotion stories minus mean over emotions; "
             "neutral principal components and the story-vs-neutral genre direction projected out",

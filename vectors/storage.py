@@ -49,12 +49,25 @@ class Calibration:
 
 
 @dataclass(frozen=True)
+class Thresholds:
+    """Per-emotion z-scores that neutral chat tokens exceed at the stated per-token false-positive rates."""
+
+    warning_fpr: float
+    critical_fpr: float
+    warning: list[float]
+    critical: list[float]
+    n_tokens: int
+    source: str
+
+
+@dataclass(frozen=True)
 class Manifest:
     model: ModelIdentity
     layer: int
     emotions: list[str]
     calibration: Calibration
     extraction: dict = field(default_factory=dict)
+    thresholds: Thresholds | None = None
     format_version: int = FORMAT_VERSION
 
     @classmethod
@@ -67,6 +80,7 @@ class Manifest:
             emotions=list(data["emotions"]),
             calibration=Calibration(**data["calibration"]),
             extraction=data.get("extraction", {}),
+            thresholds=Thresholds(**data["thresholds"]) if data.get("thresholds") else None,
         )
 
 
