@@ -125,6 +125,7 @@ def cmd_vectors_extract(args: argparse.Namespace) -> int:
         skip_tokens=args.skip_tokens,
         stories_per_emotion=args.stories_per_emotion,
         neutral_dialogues=args.neutral_dialogues,
+        cache=None if args.no_cache else model_source.cache_dir() / "activations",
     )
     try:
         vectors = extract(loaded, config)
@@ -134,6 +135,28 @@ def cmd_vectors_extract(args: argparse.Namespace) -> int:
     sweep = vectors.manifest.extraction["layer_sweep_heldout_top1"]
     print(f"limbic: wrote {len(vectors.emotions)} vectors at layer {vectors.manifest.layer} to {out}", file=sys.stderr)
     print(f"limbic: held-out top-1 by layer: {sweep}", file=sys.stderr)
+    return 0
+
+
+def cmd_vectors_report(args: argparse.Namespace) -> int:
+    from monitors import hf_model, model_source
+    from vectors import report, storage
+
+    try:
+        source = model_source.resolve(args.model)
+        vectors = storage.load(Path(args.vectors) if args.vectors else storage.bundled_folder(source.name))
+        loaded = hf_model.load(source)
+        storage.check_matches(vectors, loaded.identity, f"limbic vectors extract --model {args.model or 'default'}")
+    except (model_source.ModelSourceError, storage.VectorFileError) as exc:
+        return _fail(str(exc))
+    config = report.ReportConfig(
+        emotions=args.emotions.split(",") if args.emotions else None,
+        stories_per_emotion=args.stories_per_emotion,
+        steering_strength=args.steering_strength,
+    )
+    summary = report.build(loaded, vectors, Path(args.out), config)
+    print(json.dumps(summary, indent=2))
+    print(f"limbic: wrote {args.out} and {Path(args.out).with_name('summary.json')}", file=sys.stderr)
     return 0
 
 
@@ -206,7 +229,16 @@ def build_parser() -> argparse.ArgumentParser:
     extract.add_argument("--skip-tokens", type=int, default=50, help="average story tokens from this one on")
     extract.add_argument("--stories-per-emotion", type=int, help="cap per emotion and split (quick runs)")
     extract.add_argument("--neutral-dialogues", type=int, help="cap on neutral dialogues (quick runs)")
+    extract.add_argument("--no-cache", action="store_true", help="recompute story activations (no disk cache)")
     extract.set_defaults(func=cmd_vectors_extract)
+    report = vectors.add_parser("report", help="validate a vector set and write an HTML report with figures")
+    report.add_argument("--model", help="local Hugging Face folder or .gguf file (default: the default model)")
+    report.add_argument("--vectors", help="vector set folder (default: the bundled set for the model)")
+    report.add_argument("--out", default="report/report.html", help="HTML file to write (summary.json beside it)")
+    report.add_argument("--emotions", help="comma-separated subset to evaluate (default: all)")
+    report.add_argument("--stories-per-emotion", type=int, help="cap per emotion and split (quick runs)")
+    report.add_argument("--steering-strength", type=float, default=0.5, help="fraction of the residual norm")
+    report.set_defaults(func=cmd_vectors_report)
     show = vectors.add_parser("show", help="print a vector set's manifest")
     show.add_argument("--vectors", help="vector set folder (default: the bundled default)")
     show.set_defaults(func=cmd_vectors_show)

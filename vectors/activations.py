@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 from tqdm import tqdm
@@ -83,3 +88,33 @@ def token_activations(
             loaded.model.base_model(torch.tensor([list(tokens)], device=loaded.device))
             rows.append(captured[layer][0].float().cpu())
     return torch.cat(rows)
+
+
+def cached_mean_activations(
+    loaded: LoadedModel,
+    token_lists: Sequence[Sequence[int]],
+    layers: Sequence[int],
+    skip_tokens: int,
+    cache: Path | None,
+    batch_size: int = 8,
+) -> torch.Tensor:
+    """``mean_activations``, remembered on disk by model fingerprint and exact inputs.
+
+    Extraction over the whole corpus takes most of an hour on a small CPU; with the cache, adding an
+    emotion or changing a later step of the recipe recomputes only what changed.
+    """
+    if cache is None:
+        return mean_activations(loaded, token_lists, layers, skip_tokens, batch_size)
+    key = hashlib.sha256(
+        json.dumps([loaded.identity.fingerprint, list(layers), skip_tokens, [list(t) for t in token_lists]]).encode()
+    ).hexdigest()[:24]
+    path = cache / loaded.identity.fingerprint / f"{key}.pt"
+    if path.is_file():
+        return torch.load(path)
+    result = mean_activations(loaded, token_lists, layers, skip_tokens, batch_size)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, staging = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    os.close(handle)
+    torch.save(result, staging)
+    os.replace(staging, path)
+    return result

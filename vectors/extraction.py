@@ -20,14 +20,16 @@ import datetime as dt
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import torch
+from tqdm import tqdm
 
 from monitors.hf_model import LoadedModel
 from monitors.layers import default_layer
 from vectors import corpus
-from vectors.activations import mean_activations, token_activations
+from vectors.activations import cached_mean_activations, mean_activations, token_activations
 from vectors.storage import Calibration, EmotionVectors, Manifest, Thresholds
 
 log = logging.getLogger(__name__)
@@ -48,6 +50,7 @@ class ExtractionConfig:
     neutral_dialogues: int | None = None
     batch_size: int = 8
     progress: bool = True
+    cache: Path | None = None  # remembers story activations between runs (see cached_mean_activations)
 
 
 def class_means(activations: torch.Tensor, labels: torch.Tensor, n_classes: int) -> torch.Tensor:
@@ -109,13 +112,23 @@ def neutral_thresholds(rows: torch.Tensor, directions: torch.Tensor, calibration
     )
 
 
-def _tokenised_stories(loaded: LoadedModel, emotions: Sequence[str], split: corpus.Split, limit: int | None):
-    ids, labels = [], []
-    for label, emotion in enumerate(emotions):
-        for story in corpus.load_stories(emotion, split, limit):
-            ids.append(loaded.tokenizer.encode(story.text, add_special_tokens=False))
-            labels.append(label)
-    return ids, torch.tensor(labels)
+def _story_means(
+    loaded: LoadedModel, emotions: Sequence[str], split: corpus.Split, layers: list[int], config: ExtractionConfig
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean activations of every story in ``split``, emotion by emotion (each cached on its own)."""
+    means, labels = [], []
+    for label, emotion in enumerate(tqdm(emotions, desc=f"{split} stories", disable=not config.progress)):
+        ids = [
+            loaded.tokenizer.encode(s.text, add_special_tokens=False)
+            for s in corpus.load_stories(emotion, split, config.stories_per_emotion)
+        ]
+        if ids:
+            means.append(
+                cached_mean_activations(loaded, ids, layers, config.skip_tokens, config.cache, config.batch_size)
+            )
+            labels += [label] * len(ids)
+    hidden = loaded.identity.hidden_size
+    return (torch.cat(means) if means else torch.zeros(0, len(layers), hidden)), torch.tensor(labels, dtype=torch.long)
 
 
 def _as_plain_text(messages: list[dict]) -> str:
@@ -140,14 +153,8 @@ def extract(loaded: LoadedModel, config: ExtractionConfig = ExtractionConfig()) 
     all_layers = list(range(n_layers))
     desc = (lambda text: text) if config.progress else (lambda text: None)
 
-    train_ids, train_labels = _tokenised_stories(loaded, emotions, "train", config.stories_per_emotion)
-    heldout_ids, heldout_labels = _tokenised_stories(loaded, emotions, "heldout", config.stories_per_emotion)
-    train = mean_activations(
-        loaded, train_ids, all_layers, config.skip_tokens, config.batch_size, desc("train stories")
-    )
-    heldout = mean_activations(
-        loaded, heldout_ids, all_layers, config.skip_tokens, config.batch_size, desc("held-out stories")
-    )
+    train, train_labels = _story_means(loaded, emotions, "train", all_layers, config)
+    heldout, heldout_labels = _story_means(loaded, emotions, "heldout", all_layers, config)
 
     dialogues = corpus.load_neutral_dialogues("train", config.neutral_dialogues)
     plain = [loaded.tokenizer.encode(_as_plain_text(d), add_special_tokens=False) for d in dialogues]
@@ -187,6 +194,7 @@ def extract(loaded: LoadedModel, config: ExtractionConfig = ExtractionConfig()) 
     thresholds = neutral_thresholds(
         token_activations(loaded, heldout_chats, layer, desc("held-out neutral chats")), directions, calibration
     )
+    story_projection = train[:, layer] @ directions.T  # for standardising story scores in validation
     manifest = Manifest(
         model=loaded.identity,
         layer=layer,
@@ -200,11 +208,15 @@ def extract(loaded: LoadedModel, config: ExtractionConfig = ExtractionConfig()) 
             "skip_tokens": config.skip_tokens,
             "denoise_variance": config.denoise_variance,
             "denoise_components": len(components),
-            "train_stories": len(train_ids),
-            "heldout_stories": len(heldout_ids),
+            "train_stories": len(train),
+            "heldout_stories": len(heldout),
             "neutral_tokens": len(neutral),
             "layer_sweep_heldout_top1": [round(a, 4) for a in sweep],
             "layer_sweep_note": "held-out top-1 over the emotions, genre direction removed, before neutral PCs",
+            "train_story_projection": {
+                "mean": [round(v, 5) for v in story_projection.mean(0).tolist()],
+                "std": [round(v, 5) for v in story_projection.std(0).tolist()],
+            },
         },
     )
     return EmotionVectors(manifest, directions.contiguous())

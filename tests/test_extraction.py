@@ -1,0 +1,81 @@
+"""The extraction pipeline end to end on a tiny random Llama (fast), plus its building blocks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny import loaded, tiny_llama
+
+from vectors import corpus
+from vectors.activations import token_activations
+from vectors.extraction import (
+    ExtractionConfig,
+    _chat_ids,
+    choose_layer,
+    extract,
+    neutral_components,
+    project_out,
+)
+
+EMOTIONS = ["desperate", "panicked", "calm", "afraid"]
+
+
+@pytest.fixture(scope="module")
+def tiny(default_model_path):
+    return loaded(tiny_llama(layers=6), default_model_path)
+
+
+@pytest.fixture(scope="module")
+def extracted(tiny):
+    config = ExtractionConfig(emotions=EMOTIONS, stories_per_emotion=3, neutral_dialogues=12, progress=False)
+    return extract(tiny, config)
+
+
+def test_manifest_records_the_model_layer_and_sweep(tiny, extracted):
+    m = extracted.manifest
+    assert m.model == tiny.identity and m.emotions == EMOTIONS and m.layer == 4  # round(6 * 2 / 3)
+    assert len(m.extraction["layer_sweep_heldout_top1"]) == 6
+    assert m.extraction["train_stories"] == 12 and m.extraction["heldout_stories"] == 12
+    assert m.thresholds is not None and all(
+        c >= w for c, w in zip(m.thresholds.critical, m.thresholds.warning, strict=True)
+    )
+    norms = extracted.directions.norm(dim=-1)
+    assert torch.allclose(norms, torch.ones_like(norms), atol=1e-5)
+
+
+def test_calibration_makes_neutral_chat_score_zero_mean_unit_std(tiny, extracted):
+    chats = [_chat_ids(tiny, d) for d in corpus.load_neutral_dialogues("train", 12)]
+    rows = token_activations(tiny, chats, extracted.manifest.layer)
+    c = extracted.manifest.calibration
+    rows = rows[rows.norm(dim=-1) < c.sink_norm]
+    z = (rows @ extracted.directions.T - torch.tensor(c.mean)) / torch.tensor(c.std)
+    assert torch.allclose(z.mean(0), torch.zeros(4), atol=1e-3)
+    assert torch.allclose(z.std(0), torch.ones(4), atol=1e-3)
+
+
+def test_project_out_leaves_nothing_along_removed_directions():
+    torch.manual_seed(0)
+    vectors, removed = torch.randn(5, 32), torch.randn(3, 32)
+    cleaned = project_out(vectors, removed)
+    assert torch.allclose(cleaned @ removed.T, torch.zeros(5, 3), atol=1e-4)
+
+
+def test_neutral_components_explain_the_requested_variance():
+    torch.manual_seed(0)
+    rows = torch.randn(400, 16) * torch.linspace(5, 0.1, 16)
+    components = neutral_components(rows, 0.5)
+    centered = rows - rows.mean(0)
+    explained = (centered @ components.T).square().sum() / centered.square().sum()
+    assert explained >= 0.5 and len(components) < 16
+
+
+def test_layer_choice():
+    sweep = [0.1, 0.2, 0.3, 0.9, 0.4, 0.5, 0.45, 0.3, 0.2, 0.2, 0.99, 0.1]
+    assert choose_layer(None, sweep) == 8  # two thirds of 12
+    assert choose_layer(5, sweep) == 5
+    assert choose_layer("auto", sweep) == 5  # best in the middle band, layers 4-9; 3 and 10 lie outside
+
+
+def test_unknown_emotion_is_refused(tiny):
+    with pytest.raises(ValueError, match="no stories"):
+        extract(tiny, ExtractionConfig(emotions=["desperate", "bliss"], progress=False))

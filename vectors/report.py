@@ -1,0 +1,230 @@
+"""``limbic vectors report``: one self-contained HTML page (figures inlined) showing how good a vector set is.
+
+Also writes ``summary.json`` beside the page with the headline figures, for READMEs and closing notes.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import tempfile
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: the report is rendered to files
+import matplotlib.pyplot as plt
+import numpy as np
+
+from monitors.hf_model import LoadedModel
+from vectors import validation
+from vectors.concepts import PRIORITY
+from vectors.storage import EmotionVectors
+
+
+@dataclass
+class ReportConfig:
+    emotions: Sequence[str] | None = None  # evaluate a subset (quick runs); geometry always uses all
+    stories_per_emotion: int | None = None
+    steering_strength: float = 0.5
+    steering_tokens: int = 40
+
+
+def _png(fig: plt.Figure) -> str:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return f'<img alt="figure" src="data:image/png;base64,{base64.b64encode(buffer.getvalue()).decode()}">'
+
+
+def _auroc_figure(result: validation.HeldoutResult) -> str:
+    names = sorted(result.vectors.auroc, key=lambda e: (e not in PRIORITY, -result.vectors.auroc[e]))[:40]
+    fig, ax = plt.subplots(figsize=(10, 0.22 * len(names) + 1))
+    y = np.arange(len(names))
+    ax.barh(y + 0.2, [result.vectors.auroc[e] for e in names], height=0.4, label="emotion vectors")
+    ax.barh(y - 0.2, [result.baseline.auroc.get(e, np.nan) for e in names], height=0.4, label="bag of words")
+    ax.set_yticks(y, names, fontsize=7)
+    ax.invert_yaxis()
+    ax.axvline(0.5, color="grey", lw=0.5)
+    ax.set_xlim(0.3, 1.0)
+    ax.set_xlabel("held-out AUROC (one emotion's stories against all others)")
+    ax.legend(loc="lower right")
+    return _png(fig)
+
+
+def _map_figure(g: validation.Geometry) -> str:
+    fig, ax = plt.subplots(figsize=(10, 8))
+    points = ax.scatter(g.coords[:, 0], g.coords[:, 1], c=g.valence, cmap="coolwarm_r", s=28, vmin=0, vmax=1)
+    for (x, y), emotion in zip(g.coords, g.emotions, strict=True):
+        bold = emotion in PRIORITY
+        ax.annotate(emotion, (x, y), fontsize=8 if bold else 6, weight="bold" if bold else "normal", alpha=0.85)
+    fig.colorbar(points, label="valence (NRC VAD)")
+    ax.set_xlabel(f"PC1 ({g.explained[0]:.0%} of variance); |r| with valence = {g.pc1_valence_r:.2f}")
+    ax.set_ylabel(f"PC2 ({g.explained[1]:.0%}); |r| with arousal = {g.pc2_arousal_r:.2f}")
+    return _png(fig)
+
+
+def _heatmap_figure(g: validation.Geometry) -> str:
+    order = g.order
+    size = max(6.0, 0.075 * len(order))
+    fig, ax = plt.subplots(figsize=(size, size))
+    image = ax.imshow(g.cosine[np.ix_(order, order)], cmap="RdBu_r", vmin=-1, vmax=1)
+    labels = [g.emotions[i] for i in order]
+    ax.set_xticks(range(len(order)), labels, rotation=90, fontsize=4 if len(order) > 60 else 8)
+    ax.set_yticks(range(len(order)), labels, fontsize=4 if len(order) > 60 else 8)
+    fig.colorbar(image, shrink=0.6, label="cosine similarity")
+    return _png(fig)
+
+
+def _dose_figure(d: validation.DoseCheck) -> str:
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for emotion, values in d.scores.items():
+        ax.plot(d.doses, values, marker="o", label=f"{emotion} (Spearman {d.spearman[emotion]:+.2f})")
+    ax.set_xscale("log")
+    ax.set_xlabel("stated acetaminophen dose (mg)")
+    ax.set_ylabel("z-score at the start of the reply")
+    ax.legend()
+    return _png(fig)
+
+
+def _steering_figure(s: validation.SteeringCheck) -> str:
+    conditions = list(s.scores)
+    emotions = list(next(iter(s.scores.values())))
+    fig, ax = plt.subplots(figsize=(7, 4))
+    width = 0.8 / len(emotions)
+    for k, emotion in enumerate(emotions):
+        xs = np.arange(len(conditions)) + k * width
+        ax.bar(xs, [s.scores[c][emotion] for c in conditions], width=width, label=emotion)
+    ax.set_xticks(np.arange(len(conditions)) + width * (len(emotions) - 1) / 2, conditions)
+    ax.set_ylabel("mean z-score of the generated text (read unsteered)")
+    ax.set_title(f"steering at strength {s.strength} x the typical residual norm")
+    ax.legend()
+    return _png(fig)
+
+
+def _table(rows: list[list[str]], header: list[str]) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def summarise(
+    vectors: EmotionVectors,
+    heldout: validation.HeldoutResult,
+    g: validation.Geometry,
+    dose: validation.DoseCheck,
+    steering: validation.SteeringCheck,
+) -> dict:
+    def pick(auroc: dict[str, float]) -> dict[str, float]:
+        return {e: round(auroc[e], 3) for e in PRIORITY if e in auroc}
+
+    return {
+        "model": asdict(vectors.manifest.model),
+        "layer": vectors.manifest.layer,
+        "emotions_evaluated": len(heldout.emotions),
+        "heldout_stories": heldout.n_heldout,
+        "train_stories": heldout.n_train,
+        "vectors": {
+            "top1": round(heldout.vectors.top1, 3),
+            "top5": round(heldout.vectors.top5, 3),
+            "macro_auroc": round(float(np.mean(list(heldout.vectors.auroc.values()))), 3),
+            "auroc": pick(heldout.vectors.auroc),
+        },
+        "bag_of_words": {
+            "top1": round(heldout.baseline.top1, 3),
+            "top5": round(heldout.baseline.top5, 3),
+            "macro_auroc": round(float(np.mean(list(heldout.baseline.auroc.values()))), 3),
+            "auroc": pick(heldout.baseline.auroc),
+        },
+        "chance_top1": round(1 / len(heldout.emotions), 4),
+        "pc1_valence_abs_r": round(g.pc1_valence_r, 3),
+        "pc2_arousal_abs_r": round(g.pc2_arousal_r, 3),
+        "dose_spearman": {e: round(v, 3) for e, v in dose.spearman.items()},
+        "steering": {c: {e: round(v, 3) for e, v in s.items()} for c, s in steering.scores.items()},
+        "steering_strength": steering.strength,
+        "standardisation": heldout.standardisation,
+    }
+
+
+_STYLE = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;color:#222}
+table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 8px;font-size:13px}
+th{background:#f3f3f3}img{max-width:100%}code{background:#f3f3f3;padding:1px 4px}"""
+
+
+def render(vectors: EmotionVectors, summary: dict, figures: dict[str, str], lens: dict[str, list[str]], samples) -> str:
+    m, v, b = vectors.manifest, summary["vectors"], summary["bag_of_words"]
+    auroc_rows = [[e, v["auroc"].get(e, ""), b["auroc"].get(e, "")] for e in PRIORITY]
+    lens_rows = [[e, ", ".join(lens[e])] for e in sorted(lens, key=lambda e: (e not in PRIORITY, e))]
+    steering_rows = [[c, *[f"{x:+.2f}" for x in s.values()]] for c, s in summary["steering"].items()]
+    steer_emotions = list(next(iter(summary["steering"].values())))
+    sections = [
+        f"<h1>limbic vector report: {html.escape(m.model.name)}</h1>",
+        f"<p>{len(m.emotions)} vectors at layer {m.layer} of {m.model.num_layers} "
+        f"(<code>{html.escape(m.model.architecture)}</code>, fingerprint <code>{m.model.fingerprint}</code>). "
+        f"Method: {html.escape(m.extraction.get('method', ''))}.</p>",
+        "<h2>Held-out classification</h2>",
+        f"<p>{summary['heldout_stories']} held-out stories on topics the vectors never saw, "
+        f"{summary['emotions_evaluated']} emotions (chance top-1 {summary['chance_top1']:.1%}). "
+        f"Scores standardised by {html.escape(summary['standardisation'])}. The baseline is a bag-of-words "
+        f"logistic regression trained on the same {summary['train_stories']} train stories.</p>",
+        _table(
+            [
+                ["emotion vectors", f"{v['top1']:.1%}", f"{v['top5']:.1%}", v["macro_auroc"]],
+                ["bag of words", f"{b['top1']:.1%}", f"{b['top5']:.1%}", b["macro_auroc"]],
+            ],
+            ["", "top-1", "top-5", "macro AUROC"],
+        ),
+        _table(auroc_rows, ["emotion", "AUROC, vectors", "AUROC, bag of words"]),
+        figures["auroc"],
+        "<h2>Geometry: valence and arousal</h2>",
+        f"<p>|r| between PC1 of the vectors and valence: <b>{summary['pc1_valence_abs_r']}</b>; "
+        f"between PC2 and arousal: <b>{summary['pc2_arousal_abs_r']}</b> (ratings: NRC VAD lexicon).</p>",
+        figures["map"],
+        "<h2>Cosine similarity, clustered</h2>",
+        figures["heatmap"],
+        "<h2>Dose template</h2>",
+        f"<p>{html.escape(validation.DOSE_TEMPLATE)}: afraid should rise and calm fall with the dose.</p>",
+        figures["dose"],
+        "<h2>Steering</h2>",
+        "<p>Adding a vector at the monitored layer while generating, then scoring the generated text without "
+        "the addition: +desperate should raise desperate, +calm should raise calm.</p>",
+        _table(steering_rows, ["condition", *steer_emotions]),
+        figures["steering"],
+        _table([[c, t] for c, t in samples.items()], ["condition", "first sample"]),
+        "<h2>Logit lens</h2>",
+        _table(lens_rows, ["vector", "top tokens promoted"]),
+    ]
+    body = "\n".join(sections)
+    head = f"<meta charset='utf-8'><title>limbic report: {html.escape(m.model.name)}</title><style>{_STYLE}</style>"
+    return f"<!doctype html><html><head>{head}</head><body>{body}</body></html>"
+
+
+def build(loaded: LoadedModel, vectors: EmotionVectors, out: Path, config: ReportConfig | None = None) -> dict:
+    """Runs every check, writes ``out`` (HTML) and ``summary.json`` beside it; returns the summary."""
+    config = config or ReportConfig()
+    heldout = validation.heldout_evaluation(loaded, vectors, config.emotions, config.stories_per_emotion)
+    g = validation.geometry(vectors)
+    dose = validation.dose_check(loaded, vectors)
+    steering = validation.steering_check(loaded, vectors, config.steering_strength, config.steering_tokens)
+    lens = validation.logit_lens(loaded, vectors)
+    summary = summarise(vectors, heldout, g, dose, steering)
+    figures = {
+        "auroc": _auroc_figure(heldout),
+        "map": _map_figure(g),
+        "heatmap": _heatmap_figure(g),
+        "dose": _dose_figure(dose),
+        "steering": _steering_figure(steering),
+    }
+    page = render(vectors, summary, figures, lens, steering.samples)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for path, text in ((out, page), (out.with_name("summary.json"), json.dumps(summary, indent=2) + "\n")):
+        with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as handle:
+            handle.write(text)
+        Path(handle.name).chmod(0o644)
+        Path(handle.name).replace(path)  # no half-written report
+    return summary

@@ -1,0 +1,259 @@
+"""Checks of a vector set against the research's claims: held-out accuracy against a text-only baseline,
+valence geometry, logit lens, a dose template, and steering. ``vectors.report`` renders the results."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from scipy.stats import pearsonr, spearmanr
+from sklearn.feature_extraction.text import CountVectorizer
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import roc_auc_score
+
+from monitors.hf_model import LoadedModel
+from monitors.layers import decoder_layers
+from monitors.steering import steer, steering_vector
+from vectors import corpus
+from vectors.activations import mean_activations, token_activations
+from vectors.concepts import ratings
+from vectors.storage import EmotionVectors
+
+
+def _subset(vectors: EmotionVectors, emotions: Sequence[str] | None) -> list[str]:
+    return [e for e in vectors.emotions if emotions is None or e in emotions]
+
+
+# --- held-out classification ------------------------------------------------------------------------
+
+
+@dataclass
+class Classification:
+    top1: float
+    top5: float
+    auroc: dict[str, float]  # one emotion's held-out stories against all other held-out stories
+
+
+@dataclass
+class HeldoutResult:
+    emotions: list[str]
+    n_train: int
+    n_heldout: int
+    vectors: Classification
+    baseline: Classification  # bag of words + logistic regression on the same split
+    standardisation: str
+
+
+def _classification(scores: np.ndarray, labels: np.ndarray, emotions: list[str]) -> Classification:
+    order = np.argsort(-scores, axis=1)
+    top1 = float(np.mean(order[:, 0] == labels))
+    top5 = float(np.mean([label in row[:5] for row, label in zip(order, labels, strict=True)]))
+    auroc = {
+        emotion: float(roc_auc_score(labels == i, scores[:, i]))
+        for i, emotion in enumerate(emotions)
+        if 0 < np.sum(labels == i) < len(labels)
+    }
+    return Classification(top1, top5, auroc)
+
+
+def _stories(emotions: list[str], split: corpus.Split, limit: int | None) -> tuple[list[str], np.ndarray]:
+    texts, labels = [], []
+    for i, emotion in enumerate(emotions):
+        for story in corpus.load_stories(emotion, split, limit):
+            texts.append(story.text)
+            labels.append(i)
+    return texts, np.array(labels)
+
+
+def heldout_evaluation(
+    loaded: LoadedModel, vectors: EmotionVectors, emotions: Sequence[str] | None = None, limit: int | None = None
+) -> HeldoutResult:
+    """Which vector scores highest on each held-out story, and how a text-only classifier does on the same split.
+
+    A story's score on a vector is its mean projection over tokens from the 50th on (as in extraction),
+    standardised with the train stories' statistics recorded at extraction, so no vector wins by offset.
+    """
+    names = _subset(vectors, emotions)
+    index = [vectors.emotions.index(e) for e in names]
+    directions = vectors.directions[index].float()
+    skip = vectors.manifest.extraction.get("skip_tokens", 50)
+    texts, labels = _stories(names, "heldout", limit)
+    ids = [loaded.tokenizer.encode(t, add_special_tokens=False) for t in texts]
+    means = mean_activations(loaded, ids, [vectors.manifest.layer], skip)[:, 0]
+    projections = (means @ directions.T).numpy()
+    stats = vectors.manifest.extraction.get("train_story_projection")
+    if stats:
+        mean, std = np.array(stats["mean"])[index], np.array(stats["std"])[index]
+        how = "train-story mean and std of each vector's projection (recorded at extraction)"
+    else:
+        mean, std = projections.mean(0), projections.std(0)
+        how = "held-out stories' own mean and std per vector (no labels used; older vector set)"
+    scores = (projections - mean) / np.maximum(std, 1e-6)
+
+    train_texts, train_labels = _stories(names, "train", limit)
+    bag = CountVectorizer(lowercase=True, min_df=1)
+    classifier = LogisticRegression(max_iter=2000, C=1.0)
+    classifier.fit(bag.fit_transform(train_texts), train_labels)
+    baseline = np.full((len(texts), len(names)), -np.inf)
+    baseline[:, classifier.classes_] = classifier.predict_log_proba(bag.transform(texts))
+    return HeldoutResult(
+        emotions=names,
+        n_train=len(train_texts),
+        n_heldout=len(texts),
+        vectors=_classification(scores, labels, names),
+        baseline=_classification(baseline, labels, names),
+        standardisation=how,
+    )
+
+
+# --- geometry ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class Geometry:
+    emotions: list[str]
+    coords: np.ndarray  # [E, 2]: the vectors on their first two principal components
+    explained: list[float]
+    valence: np.ndarray  # NaN where unrated
+    arousal: np.ndarray
+    pc1_valence_r: float  # |Pearson r|: a principal component's sign is arbitrary
+    pc2_arousal_r: float
+    cosine: np.ndarray  # [E, E]
+    order: list[int]  # hierarchical-clustering order for the heatmap
+
+
+def geometry(vectors: EmotionVectors) -> Geometry:
+    from scipy.cluster.hierarchy import leaves_list, linkage
+
+    d = vectors.directions.float().numpy()
+    centered = d - d.mean(0)
+    _, s, vt = np.linalg.svd(centered, full_matrices=False)
+    coords = centered @ vt[:2].T
+    table = ratings()
+    valence = np.array([table[e].valence if e in table else np.nan for e in vectors.emotions])
+    arousal = np.array([table[e].arousal if e in table else np.nan for e in vectors.emotions])
+
+    def corr(x: np.ndarray, y: np.ndarray) -> float:
+        ok = ~np.isnan(y)
+        return float(abs(pearsonr(x[ok], y[ok])[0])) if ok.sum() > 2 else float("nan")
+
+    cosine = d @ d.T
+    order = leaves_list(linkage(d, method="average", metric="cosine")).tolist() if len(d) > 2 else list(range(len(d)))
+    return Geometry(
+        emotions=list(vectors.emotions),
+        coords=coords,
+        explained=(s[:2] ** 2 / np.sum(s**2)).tolist(),
+        valence=valence,
+        arousal=arousal,
+        pc1_valence_r=corr(coords[:, 0], valence),
+        pc2_arousal_r=corr(coords[:, 1], arousal),
+        cosine=cosine,
+        order=order,
+    )
+
+
+# --- logit lens ---------------------------------------------------------------------------------------
+
+
+def logit_lens(loaded: LoadedModel, vectors: EmotionVectors, k: int = 8) -> dict[str, list[str]]:
+    """The tokens each vector most promotes when read straight through the final norm and unembedding."""
+    model = loaded.model
+    unembed = model.get_output_embeddings().weight.float()  # [vocab, H]
+    norm = getattr(model.base_model, "norm", None) or getattr(model.base_model, "ln_f", None)
+    scale = norm.weight.float() if norm is not None and getattr(norm, "weight", None) is not None else 1.0
+    logits = (vectors.directions.float() * scale) @ unembed.T  # [E, vocab]
+    top = logits.topk(k, dim=-1).indices.tolist()
+    return {
+        emotion: [loaded.tokenizer.decode([t]).strip() or repr(loaded.tokenizer.decode([t])) for t in row]
+        for emotion, row in zip(vectors.emotions, top, strict=True)
+    }
+
+
+# --- dose template --------------------------------------------------------------------------------------
+
+DOSES_MG = (250, 500, 1000, 2000, 4000, 8000, 16000, 32000)
+DOSE_TEMPLATE = "I just took {dose} mg of acetaminophen for my headache. Is that okay?"
+
+
+@dataclass
+class DoseCheck:
+    doses: list[int]
+    scores: dict[str, list[float]]  # emotion -> z-score at the start of the assistant's reply, per dose
+    spearman: dict[str, float]
+
+
+def dose_check(loaded: LoadedModel, vectors: EmotionVectors, emotions: Sequence[str] = ("afraid", "calm")) -> DoseCheck:
+    """As a stated dose rises towards dangerous, afraid should rise and calm fall.
+
+    Read where the paper reads the model's reaction: the tokens that open the assistant's reply.
+    """
+    names = [e for e in emotions if e in vectors.emotions]
+    c = vectors.manifest.calibration
+    scores: dict[str, list[float]] = {e: [] for e in names}
+    for dose in DOSES_MG:
+        messages = [{"role": "user", "content": DOSE_TEMPLATE.format(dose=dose)}]
+        encoded = loaded.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        ids = list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
+        rows = token_activations(loaded, [ids], vectors.manifest.layer)[-3:]  # "<|im_start|>assistant\n"
+        for e in names:
+            i = vectors.emotions.index(e)
+            z = (rows @ vectors.directions[i].float() - c.mean[i]) / c.std[i]
+            scores[e].append(float(z.mean()))
+    spearman = {e: float(spearmanr(DOSES_MG, scores[e])[0]) for e in names}
+    return DoseCheck(list(DOSES_MG), scores, spearman)
+
+
+# --- steering -------------------------------------------------------------------------------------------
+
+STEERING_PROMPTS = (
+    "Tell me about your plans for the weekend.",
+    "Describe the room you are in right now.",
+    "What happened at work today?",
+)
+
+
+@dataclass
+class SteeringCheck:
+    strength: float
+    # condition ("none", "+calm", "+desperate") -> emotion -> mean z-score of the generated text, read unsteered
+    scores: dict[str, dict[str, float]]
+    samples: dict[str, str]
+
+
+@torch.inference_mode()
+def steering_check(
+    loaded: LoadedModel, vectors: EmotionVectors, strength: float = 0.5, max_tokens: int = 40
+) -> SteeringCheck:
+    """Adds +calm or +desperate at the monitored layer while generating, then scores the text unsteered.
+
+    Scoring without the steering hook measures what the steered text itself carries, not the addition.
+    """
+    layer = decoder_layers(loaded.model)[vectors.manifest.layer]
+    residual_norm = vectors.manifest.calibration.sink_norm / 10  # the median token norm (see extraction)
+    conditions = {"none": {}, "+calm": {"calm": strength}, "+desperate": {"desperate": strength}}
+    watched = [e for e in ("desperate", "calm") if e in vectors.emotions]
+    scores: dict[str, dict[str, float]] = {}
+    samples: dict[str, str] = {}
+    c = vectors.manifest.calibration
+    for name, strengths in conditions.items():
+        totals = {e: [] for e in watched}
+        for prompt in STEERING_PROMPTS:
+            encoded = loaded.tokenizer.apply_chat_template(
+                [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True
+            )
+            ids = torch.tensor([list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)])
+            addition = steering_vector(vectors, strengths, residual_norm)
+            with steer(layer, addition):
+                out = loaded.model.generate(
+                    ids, max_new_tokens=max_tokens, do_sample=False, pad_token_id=loaded.tokenizer.pad_token_id
+                )
+            generated = out[0, ids.shape[1] :].tolist()
+            samples.setdefault(name, loaded.tokenizer.decode(generated, skip_special_tokens=True))
+            rows = token_activations(loaded, [out[0].tolist()], vectors.manifest.layer)[ids.shape[1] :]
+            for e in watched:
+                i = vectors.emotions.index(e)
+                totals[e].append(float(((rows @ vectors.directions[i].float() - c.mean[i]) / c.std[i]).mean()))
+        scores[name] = {e: float(np.mean(v)) for e, v in totals.items()}
+    return SteeringCheck(strength, scores, samples)
