@@ -14,6 +14,7 @@ from monitors.probe import ScoredRows
 from vectors.storage import EmotionVectors, ModelIdentity
 
 Phase = Literal["prompt", "generation"]
+PHASES: tuple[Phase, ...] = ("prompt", "generation")
 FinishReason = Literal["stop", "length", "abort"]
 
 
@@ -63,5 +64,7 @@ class Engine(Protocol):
     async def score(self, token_ids: list[int]) -> ScoredRows: ...
 
     def scoring_seconds(self) -> float: ...
+
+    def forward_seconds(self) -> float: ...
 
     async def close(self) -> None: ...

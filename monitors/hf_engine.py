@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import torch
+from torch import nn
 
 from monitors import hf_model
 from monitors.engine import SamplingParams, Step
@@ -34,6 +37,7 @@ class TransformersEngine:
         layer = decoder_layers(loaded.model)[vectors.manifest.layer]
         self._probe = ResidualProbe(layer, Readout(vectors, loaded.device))
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="limbic-engine")
+        self._forward_seconds = 0.0  # cumulative, on the worker thread; read by metrics
 
     # --- tokenisation -------------------------------------------------------------------------------
     def chat_prompt_ids(self, messages: list[dict[str, str]]) -> list[int]:
@@ -50,6 +54,17 @@ class TransformersEngine:
     def scoring_seconds(self) -> float:
         return self._probe.scoring_seconds
 
+    def forward_seconds(self) -> float:
+        return self._forward_seconds
+
+    def _forward(self, module: nn.Module, ids: list[list[int]], **kwargs: Any) -> Any:
+        """One timed forward pass (the scoring hook runs inside it). On CUDA both this and the hook's time
+        are host-side; the ``drain`` that follows waits for the device."""
+        started = time.perf_counter()
+        out = module(torch.tensor(ids, device=self.loaded.device), **kwargs)
+        self._forward_seconds += time.perf_counter() - started
+        return out
+
     # --- scoring only -------------------------------------------------------------------------------
     async def score(self, token_ids: list[int]) -> ScoredRows:
         return await asyncio.get_running_loop().run_in_executor(self._worker, self._score_sync, token_ids)
@@ -57,9 +72,8 @@ class TransformersEngine:
     @torch.inference_mode()
     def _score_sync(self, token_ids: list[int]) -> ScoredRows:
         self._probe.drain()
-        ids = torch.tensor([token_ids], device=self.loaded.device)
         # Only the residual at the monitored layer is needed: skip the LM head's [T, vocab] logits.
-        self.loaded.model.base_model(ids)
+        self._forward(self.loaded.model.base_model, [token_ids])
         return self._probe.drain()
 
     # --- generation ---------------------------------------------------------------------------------
@@ -106,7 +120,7 @@ class TransformersEngine:
         counts: Counter[int] = Counter()
         self._probe.drain()
 
-        out = model(torch.tensor([prompt_ids], device=device), use_cache=True)
+        out = self._forward(model, [prompt_ids], use_cache=True)
         emit(Step(scores=self._probe.drain(), phase="prompt"))
         generated = 0
         while True:
@@ -125,7 +139,7 @@ class TransformersEngine:
                 elif cancelled.is_set():
                     finish = "abort"
             # Feed the token back: this both scores it and yields the logits for the next one.
-            out = model(torch.tensor([[token]], device=device), past_key_values=out.past_key_values, use_cache=True)
+            out = self._forward(model, [[token]], past_key_values=out.past_key_values, use_cache=True)
             scores = self._probe.drain()
             emit(Step(text=delta, token_ids=[token], scores=scores, score_start=generated - 1, finish_reason=finish))
             if finish is not None:

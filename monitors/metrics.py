@@ -10,15 +10,19 @@ import threading
 from collections.abc import Callable, Iterator
 
 import numpy as np
-from prometheus_client import CollectorRegistry, Counter
+from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 from prometheus_client.samples import Sample
+
+from monitors.engine import PHASES
 
 # z-score bucket bounds: neutral text sits near 0, alerts start around 3.
 SCORE_BUCKETS = (-4.0, -3.0, -2.0, -1.0, 0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0, 10.0, 15.0)
 # The recent-score gauge forgets with this half-life, in tokens.
 RECENT_HALF_LIFE_TOKENS = 256
+# Scoring lag bounds, in seconds: on the event loop's heels normally; seconds means the monitor fell behind.
+LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
 
 class ScoreHistograms(Collector):
@@ -35,6 +39,11 @@ class ScoreHistograms(Collector):
         self._counts: dict[tuple[str, str], np.ndarray] = {}  # (model, phase) -> [E, buckets + 1]
         self._recent: dict[tuple[str, str], np.ndarray] = {}
         self._decay = 0.5 ** (1 / RECENT_HALF_LIFE_TOKENS)
+
+    def zero(self, model: str, phase: str) -> None:
+        """Exports zero counts for (model, phase) until its first tokens (the moving average waits for them)."""
+        with self._lock:
+            self._counts.setdefault((model, phase), np.zeros((len(self.emotions), len(self._bounds) + 1), np.int64))
 
     def observe(self, model: str, phase: str, z: np.ndarray) -> None:
         if not len(z):
@@ -71,30 +80,43 @@ class ScoreHistograms(Collector):
                     family.add_metric(values, buckets, sum_value=None)
                     count = float(cumulative[e, -1])
                     family.samples.append(Sample(f"{name}_count", dict(zip(labels, values, strict=True)), count))
-                    recent.add_metric(values, float(self._recent[(model, phase)][e]))
+                    if (model, phase) in self._recent:
+                        recent.add_metric(values, float(self._recent[(model, phase)][e]))
         yield family
         yield recent
 
 
-class _ScoringTime(Collector):
-    def __init__(self, model: str, seconds: Callable[[], float]) -> None:
-        self._model, self._seconds = model, seconds
+class _EngineSeconds(Collector):
+    """A seconds counter kept by the engine on its worker thread, read at scrape time."""
+
+    def __init__(self, name: str, documentation: str, model: str, seconds: Callable[[], float]) -> None:
+        self._name, self._documentation, self._model, self._seconds = name, documentation, model, seconds
 
     def collect(self) -> Iterator[Metric]:
-        family = CounterMetricFamily(
-            "limbic_scoring_seconds", "Time spent projecting activations onto emotion vectors.", labels=["model"]
-        )
+        family = CounterMetricFamily(self._name, self._documentation, labels=["model"])
         family.add_metric([self._model], self._seconds())
         yield family
 
 
 class Metrics:
-    def __init__(self, emotions: list[str], model: str, scoring_seconds: Callable[[], float]) -> None:
+    def __init__(
+        self,
+        emotions: list[str],
+        model: str,
+        scoring_seconds: Callable[[], float],
+        forward_seconds: Callable[[], float],
+    ) -> None:
         self.registry = CollectorRegistry()
         self.model = model
         self.scores = ScoreHistograms(emotions)
         self.registry.register(self.scores)
-        self.registry.register(_ScoringTime(model, scoring_seconds))
+        engine_seconds = (
+            ("limbic_scoring_seconds", "Time spent projecting activations onto emotion vectors.", scoring_seconds),
+            # Scoring runs inside the forward pass: scoring / forward seconds is the monitor's share of model time.
+            ("limbic_engine_forward_seconds", "Time spent in model forward passes.", forward_seconds),
+        )
+        for name, documentation, seconds in engine_seconds:
+            self.registry.register(_EngineSeconds(name, documentation, model, seconds))
         self.tokens = Counter(
             "limbic_tokens_monitored", "Tokens scored by the monitor.", ["phase", "model"], registry=self.registry
         )
@@ -104,6 +126,25 @@ class Metrics:
         self.sink_errors = Counter(
             "limbic_alert_sink_errors", "Alert events the sink failed to store.", ["model"], registry=self.registry
         )
+        self.push_errors = Counter(
+            "limbic_alertmanager_push_errors",
+            "Alert events that could not be pushed to Alertmanager.",
+            ["model"],
+            registry=self.registry,
+        )
+        self.scoring_lag = Histogram(
+            "limbic_scoring_lag_seconds",
+            "Time from the forward pass that scored a token to the end of its monitoring (metrics, alerts sent).",
+            ["model"],
+            buckets=LAG_BUCKETS,
+            registry=self.registry,
+        )
+        # Series from start-up, at zero: rate() and increase() cannot see the first event of a series born with it.
+        for family in (self.sink_errors, self.push_errors, self.scoring_lag):
+            family.labels(model)
+        for phase in PHASES:
+            self.tokens.labels(phase, model)
+            self.scores.zero(model, phase)
 
     def observe_tokens(self, phase: str, z: np.ndarray) -> None:
         self.scores.observe(self.model, phase, z)

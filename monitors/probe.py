@@ -7,7 +7,7 @@ Calibration is folded into the projection, so one ``addmm`` turns a [tokens, hid
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -37,6 +37,7 @@ class ScoredRows:
 
     z: np.ndarray  # [n_tokens, n_emotions]
     norms: np.ndarray  # [n_tokens]
+    scored_at: float = field(default_factory=time.perf_counter)  # when they reached the host: scoring lag
 
 
 class ResidualProbe:

@@ -5,14 +5,16 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from monitors.alertmanager import AlertmanagerPush
 from monitors.alerts import AlertRule, AlertTracker, Crossing
-from monitors.engine import Step
+from monitors.engine import PHASES, Step
 from monitors.metrics import Metrics
 from monitors.sinks import AlertSink
 
@@ -30,15 +32,22 @@ class Monitor:
     sink: AlertSink
     sink_norm: float
     include_text: bool = False  # operator opt-in: put the alerting tokens' text into events
+    alertmanager: AlertmanagerPush | None = None  # optional direct push, faster than scrape + rule evaluation
 
     def __post_init__(self) -> None:
         self.emotion_index = {e: i for i, e in enumerate(self.emotions)}
+        # Export every alert series the rules can raise at 0, so Prometheus has a sample before the first
+        # alert: increase() in the alerting rules sees nothing in a series that is born at 1.
+        for emotion, rule in self.rules.items():
+            for severity, _ in rule.levels():
+                for phase in PHASES:
+                    self.metrics.alerts.labels(emotion, severity, phase, self.model)
 
     def request(self, request_id: str, decode: Callable[[Sequence[int]], str] | None = None) -> RequestMonitor:
         return RequestMonitor(self, request_id, decode if self.include_text else None)
 
     async def dispatch(self, event: dict) -> None:
-        """Log, count and store one alert event; a failing sink is counted, never fatal to the request."""
+        """Log, count, store and push one alert event; a failing sink is counted, never fatal to the request."""
         log.warning(json.dumps({"msg": "limbic alert"} | event))
         self.metrics.alerts.labels(event["emotion"], event["severity"], event["phase"], self.model).inc()
         try:
@@ -46,6 +55,12 @@ class Monitor:
         except Exception:
             self.metrics.sink_errors.labels(self.model).inc()
             log.exception("alert sink %s failed to store event %s", self.sink.name, event["id"])
+        if self.alertmanager is not None:
+            self.alertmanager.submit(event)
+
+    async def close(self) -> None:
+        if self.alertmanager is not None:
+            await self.alertmanager.close()
 
 
 @dataclass
@@ -99,6 +114,8 @@ class RequestMonitor:
         for event in events:
             await self.monitor.dispatch(event)
         self.alerts.extend(events)
+        lag = time.perf_counter() - step.scores.scored_at
+        self.monitor.metrics.scoring_lag.labels(self.monitor.model).observe(lag)
         return events
 
     def summary(self, phase: str) -> dict[str, dict[str, float]]:

@@ -42,6 +42,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
         try:
             yield
         finally:
+            await monitor.close()
             await sink.close()
             if engine is None:
                 await active.close()

@@ -208,6 +208,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int)
     serve.add_argument("--served-model-name", dest="served_model_name")
     serve.add_argument("--redis-url", dest="redis_url", help="keep alert events in this Redis (else in memory)")
+    serve.add_argument(
+        "--alertmanager-url", dest="alertmanager_url", help="also push alert events to this Alertmanager"
+    )
     serve.add_argument("--device", help="torch device, e.g. cpu or cuda")
     serve.set_defaults(func=cmd_serve)
 

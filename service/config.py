@@ -12,7 +12,8 @@ from monitors.alerts import AlertRule
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="LIMBIC_", extra="ignore")
+    # An empty variable counts as unset: compose files pass optional settings through as `${VAR:-}`.
+    model_config = SettingsConfigDict(env_prefix="LIMBIC_", extra="ignore", env_ignore_empty=True)
 
     model: str | None = Field(default=None, description="local HF folder or .gguf; None = the default model")
     vectors: Path | None = Field(default=None, description="vector set folder; None = the bundled set")
@@ -29,4 +30,10 @@ class Settings(BaseSettings):
     # it replaces the default rules: desperate and panicked at the vector set's calibrated thresholds.
     alert_rules: dict[str, AlertRule] | None = None
     alert_include_text: bool = Field(default=False, description="opt in: alert events carry the tokens' text")
+    # Optional: also push each alert event to Alertmanager's API, for paging faster than scrape + rule evaluation.
+    alertmanager_url: str | None = Field(default=None, description="e.g. http://alertmanager:9093; None = off")
+    alertmanager_resolve_timeout: float = Field(
+        default=300.0, gt=0, description="seconds after its last event that a pushed alert resolves"
+    )
+    alertmanager_timeout: float = Field(default=2.0, gt=0, description="seconds one push may take")
     log_level: str = "INFO"

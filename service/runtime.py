@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from monitors import hf_model, model_source
+from monitors.alertmanager import AlertmanagerPush
 from monitors.alerts import AlertRule
 from monitors.hf_engine import TransformersEngine
 from monitors.metrics import Metrics
@@ -90,7 +91,15 @@ def default_rules(vectors: storage.EmotionVectors) -> dict[str, AlertRule]:
 
 def build_monitor(settings: Settings, engine: TransformersEngine, sink: AlertSink) -> Monitor:
     vectors = engine.vectors
-    metrics = Metrics(list(vectors.emotions), engine.model_name, engine.scoring_seconds)
+    metrics = Metrics(list(vectors.emotions), engine.model_name, engine.scoring_seconds, engine.forward_seconds)
+    alertmanager = None
+    if settings.alertmanager_url:
+        alertmanager = AlertmanagerPush(
+            settings.alertmanager_url,
+            metrics.push_errors.labels(engine.model_name),
+            resolve_timeout=settings.alertmanager_resolve_timeout,
+            timeout=settings.alertmanager_timeout,
+        )
     return Monitor(
         model=engine.model_name,
         emotions=list(vectors.emotions),
@@ -99,4 +108,5 @@ def build_monitor(settings: Settings, engine: TransformersEngine, sink: AlertSin
         sink=sink,
         sink_norm=vectors.manifest.calibration.sink_norm,
         include_text=settings.alert_include_text,
+        alertmanager=alertmanager,
     )

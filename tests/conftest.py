@@ -8,6 +8,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -94,28 +95,42 @@ def redis_url() -> Iterator[str]:
 TEST_ALERT_RULES = '{"desperate": {"warning": 1.5, "critical": 3.0, "min_tokens": 2}}'
 
 
-def start_limbic(port: int, env: dict[str, str], *args: str) -> subprocess.Popen:
-    return subprocess.Popen(
-        [str(ROOT / ".venv" / "bin" / "limbic"), "serve", "--port", str(port), *args],
-        env={**os.environ, **env},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+@contextmanager
+def running(args: list[str], ready_url: str, env: dict[str, str] | None = None) -> Iterator[subprocess.Popen]:
+    """Runs a server for the block, once ``ready_url`` answers; its output is printed if it fails to start.
+
+    The output goes to a temporary file, not a pipe: a pipe nobody reads fills up and blocks a chatty server.
+    """
+    with tempfile.TemporaryFile("w+") as log:
+        process = subprocess.Popen(
+            args, env={**os.environ, **(env or {})}, stdout=log, stderr=subprocess.STDOUT, text=True
+        )
+        try:
+            wait_http(ready_url, process)
+        except Exception:
+            stop(process)
+            log.seek(0)
+            print(log.read())
+            raise
+        try:
+            yield process
+        finally:
+            stop(process)
+
+
+@contextmanager
+def running_limbic(env: dict[str, str], *args: str) -> Iterator[str]:
+    """``limbic serve`` on a free port for the block; yields its base URL."""
+    port = free_port()
+    command = [str(ROOT / ".venv" / "bin" / "limbic"), "serve", "--port", str(port), *args]
+    with running(command, f"http://127.0.0.1:{port}/healthz", env):
+        yield f"http://127.0.0.1:{port}"
 
 
 @pytest.fixture(scope="session")
 def limbic_url(redis_url: str, default_model_path: Path) -> Iterator[str]:
-    port = free_port()
-    process = start_limbic(port, {"REDIS_URL": redis_url, "LIMBIC_ALERT_RULES": TEST_ALERT_RULES})
-    try:
-        wait_http(f"http://127.0.0.1:{port}/healthz", process)
-    except Exception:
-        stop(process)
-        print(process.stdout.read())
-        raise
-    yield f"http://127.0.0.1:{port}"
-    stop(process)
+    with running_limbic({"REDIS_URL": redis_url, "LIMBIC_ALERT_RULES": TEST_ALERT_RULES}) as url:
+        yield url
 
 
 @pytest.fixture()
