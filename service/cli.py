@@ -153,6 +153,7 @@ def cmd_vectors_report(args: argparse.Namespace) -> int:
         emotions=args.emotions.split(",") if args.emotions else None,
         stories_per_emotion=args.stories_per_emotion,
         steering_strength=args.steering_strength,
+        cache=model_source.cache_dir() / "activations",
     )
     summary = report.build(loaded, vectors, Path(args.out), config)
     print(json.dumps(summary, indent=2))

@@ -32,6 +32,7 @@ class ReportConfig:
     stories_per_emotion: int | None = None
     steering_strength: float = 0.5
     steering_tokens: int = 40
+    cache: Path | None = None  # extraction's activation cache: reuses its held-out story activations
 
 
 def _png(fig: plt.Figure) -> str:
@@ -52,7 +53,7 @@ def _auroc_figure(result: validation.HeldoutResult) -> str:
     ax.axvline(0.5, color="grey", lw=0.5)
     ax.set_xlim(0.3, 1.0)
     ax.set_xlabel("held-out AUROC (one emotion's stories against all others)")
-    ax.legend(loc="lower right")
+    ax.legend(loc="lower left")
     return _png(fig)
 
 
@@ -143,6 +144,10 @@ def summarise(
         "chance_top1": round(1 / len(heldout.emotions), 4),
         "pc1_valence_abs_r": round(g.pc1_valence_r, 3),
         "pc2_arousal_abs_r": round(g.pc2_arousal_r, 3),
+        "pc_valence_abs_r": [round(r, 3) for r in g.pc_valence_r],
+        "pc_arousal_abs_r": [round(r, 3) for r in g.pc_arousal_r],
+        "valence_decoding_r": round(g.valence_decoding_r, 3),
+        "arousal_decoding_r": round(g.arousal_decoding_r, 3),
         "dose_spearman": {e: round(v, 3) for e, v in dose.spearman.items()},
         "steering": {c: {e: round(v, 3) for e, v in s.items()} for c, s in steering.scores.items()},
         "steering_strength": steering.strength,
@@ -182,7 +187,10 @@ def render(vectors: EmotionVectors, summary: dict, figures: dict[str, str], lens
         figures["auroc"],
         "<h2>Geometry: valence and arousal</h2>",
         f"<p>|r| between PC1 of the vectors and valence: <b>{summary['pc1_valence_abs_r']}</b>; "
-        f"between PC2 and arousal: <b>{summary['pc2_arousal_abs_r']}</b> (ratings: NRC VAD lexicon).</p>",
+        f"between PC2 and arousal: <b>{summary['pc2_arousal_abs_r']}</b> (ratings: NRC VAD lexicon). "
+        f"|r| of PCs 1-8 with valence: {summary['pc_valence_abs_r']}; with arousal: {summary['pc_arousal_abs_r']}. "
+        f"A linear read-out (ridge, 10-fold cross-validated) recovers valence with r = "
+        f"<b>{summary['valence_decoding_r']}</b> and arousal with r = <b>{summary['arousal_decoding_r']}</b>.</p>",
         figures["map"],
         "<h2>Cosine similarity, clustered</h2>",
         figures["heatmap"],
@@ -206,7 +214,7 @@ def render(vectors: EmotionVectors, summary: dict, figures: dict[str, str], lens
 def build(loaded: LoadedModel, vectors: EmotionVectors, out: Path, config: ReportConfig | None = None) -> dict:
     """Runs every check, writes ``out`` (HTML) and ``summary.json`` beside it; returns the summary."""
     config = config or ReportConfig()
-    heldout = validation.heldout_evaluation(loaded, vectors, config.emotions, config.stories_per_emotion)
+    heldout = validation.heldout_evaluation(loaded, vectors, config.emotions, config.stories_per_emotion, config.cache)
     g = validation.geometry(vectors)
     dose = validation.dose_check(loaded, vectors)
     steering = validation.steering_check(loaded, vectors, config.steering_strength, config.steering_tokens)

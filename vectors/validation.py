@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -17,7 +18,7 @@ from monitors.hf_model import LoadedModel
 from monitors.layers import decoder_layers
 from monitors.steering import steer, steering_vector
 from vectors import corpus
-from vectors.activations import mean_activations, token_activations
+from vectors.activations import cached_mean_activations, token_activations
 from vectors.concepts import ratings
 from vectors.storage import EmotionVectors
 
@@ -58,6 +59,23 @@ def _classification(scores: np.ndarray, labels: np.ndarray, emotions: list[str])
     return Classification(top1, top5, auroc)
 
 
+def _heldout_means(
+    loaded: LoadedModel, vectors: EmotionVectors, names: list[str], limit: int | None, cache: Path | None
+) -> torch.Tensor:
+    """Held-out story means at the monitored layer, emotion by emotion, through extraction's activation cache."""
+    layers = list(range(loaded.identity.num_layers))  # the cache key extraction used
+    skip = vectors.manifest.extraction.get("skip_tokens", 50)
+    per_emotion = []
+    for emotion in names:
+        ids = [
+            loaded.tokenizer.encode(s.text, add_special_tokens=False)
+            for s in corpus.load_stories(emotion, "heldout", limit)
+        ]
+        if ids:
+            per_emotion.append(cached_mean_activations(loaded, ids, layers, skip, cache)[:, vectors.manifest.layer])
+    return torch.cat(per_emotion)
+
+
 def _stories(emotions: list[str], split: corpus.Split, limit: int | None) -> tuple[list[str], np.ndarray]:
     texts, labels = [], []
     for i, emotion in enumerate(emotions):
@@ -68,7 +86,11 @@ def _stories(emotions: list[str], split: corpus.Split, limit: int | None) -> tup
 
 
 def heldout_evaluation(
-    loaded: LoadedModel, vectors: EmotionVectors, emotions: Sequence[str] | None = None, limit: int | None = None
+    loaded: LoadedModel,
+    vectors: EmotionVectors,
+    emotions: Sequence[str] | None = None,
+    limit: int | None = None,
+    cache: Path | None = None,
 ) -> HeldoutResult:
     """Which vector scores highest on each held-out story, and how a text-only classifier does on the same split.
 
@@ -78,11 +100,8 @@ def heldout_evaluation(
     names = _subset(vectors, emotions)
     index = [vectors.emotions.index(e) for e in names]
     directions = vectors.directions[index].float()
-    skip = vectors.manifest.extraction.get("skip_tokens", 50)
     texts, labels = _stories(names, "heldout", limit)
-    ids = [loaded.tokenizer.encode(t, add_special_tokens=False) for t in texts]
-    means = mean_activations(loaded, ids, [vectors.manifest.layer], skip)[:, 0]
-    projections = (means @ directions.T).numpy()
+    projections = (_heldout_means(loaded, vectors, names, limit, cache) @ directions.T).numpy()
     stats = vectors.manifest.extraction.get("train_story_projection")
     if stats:
         mean, std = np.array(stats["mean"])[index], np.array(stats["std"])[index]
@@ -120,6 +139,10 @@ class Geometry:
     arousal: np.ndarray
     pc1_valence_r: float  # |Pearson r|: a principal component's sign is arbitrary
     pc2_arousal_r: float
+    pc_valence_r: list[float]  # |r| of each of the first PCs with valence
+    pc_arousal_r: list[float]
+    valence_decoding_r: float  # r of a 10-fold cross-validated ridge read-out of valence from the vectors
+    arousal_decoding_r: float
     cosine: np.ndarray  # [E, E]
     order: list[int]  # hierarchical-clustering order for the heatmap
 
@@ -139,6 +162,18 @@ def geometry(vectors: EmotionVectors) -> Geometry:
         ok = ~np.isnan(y)
         return float(abs(pearsonr(x[ok], y[ok])[0])) if ok.sum() > 2 else float("nan")
 
+    pcs = centered @ vt[:8].T
+
+    def decoding(y: np.ndarray) -> float:
+        from sklearn.linear_model import RidgeCV
+        from sklearn.model_selection import cross_val_predict
+
+        ok = ~np.isnan(y)
+        if ok.sum() < 20:
+            return float("nan")
+        predicted = cross_val_predict(RidgeCV(alphas=[0.1, 1, 10, 100]), d[ok], y[ok], cv=10)
+        return float(pearsonr(predicted, y[ok])[0])
+
     cosine = d @ d.T
     order = leaves_list(linkage(d, method="average", metric="cosine")).tolist() if len(d) > 2 else list(range(len(d)))
     return Geometry(
@@ -149,6 +184,10 @@ def geometry(vectors: EmotionVectors) -> Geometry:
         arousal=arousal,
         pc1_valence_r=corr(coords[:, 0], valence),
         pc2_arousal_r=corr(coords[:, 1], arousal),
+        pc_valence_r=[corr(pcs[:, k], valence) for k in range(pcs.shape[1])],
+        pc_arousal_r=[corr(pcs[:, k], arousal) for k in range(pcs.shape[1])],
+        valence_decoding_r=decoding(valence),
+        arousal_decoding_r=decoding(arousal),
         cosine=cosine,
         order=order,
     )
