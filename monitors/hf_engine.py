@@ -18,12 +18,12 @@ import torch
 from torch import nn
 
 from monitors import hf_model
+from monitors.channel import Channel
 from monitors.engine import SamplingParams, Step
 from monitors.layers import decoder_layers
 from monitors.probe import Readout, ResidualProbe, ScoredRows
+from monitors.text_stream import TextStream
 from vectors.storage import EmotionVectors
-
-_DONE = object()
 
 
 class TransformersEngine:
@@ -41,9 +41,7 @@ class TransformersEngine:
 
     # --- tokenisation -------------------------------------------------------------------------------
     def chat_prompt_ids(self, messages: list[dict[str, str]]) -> list[int]:
-        encoded = self.loaded.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        ids = encoded["input_ids"] if hasattr(encoded, "keys") else encoded
-        return list(ids)
+        return hf_model.chat_ids(self.loaded.tokenizer, messages, add_generation_prompt=True)
 
     def encode(self, text: str) -> list[int]:
         return list(self.loaded.tokenizer.encode(text, add_special_tokens=False))
@@ -58,10 +56,11 @@ class TransformersEngine:
         return self._forward_seconds
 
     def _forward(self, module: nn.Module, ids: list[list[int]], **kwargs: Any) -> Any:
-        """One timed forward pass (the scoring hook runs inside it). On CUDA both this and the hook's time
-        are host-side; the ``drain`` that follows waits for the device."""
+        """One timed forward pass (the scoring hook runs inside it)."""
         started = time.perf_counter()
         out = module(torch.tensor(ids, device=self.loaded.device), **kwargs)
+        if self.loaded.device.type == "cuda":
+            torch.cuda.synchronize()  # count the device's time, not only the launch
         self._forward_seconds += time.perf_counter() - started
         return out
 
@@ -79,26 +78,23 @@ class TransformersEngine:
     # --- generation ---------------------------------------------------------------------------------
     async def generate(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[Step]:
         loop = asyncio.get_running_loop()
-        queue: asyncio.Queue = asyncio.Queue()
+        channel: Channel[Step] = Channel()
         cancelled = threading.Event()
-
-        def emit(item: object) -> None:
-            loop.call_soon_threadsafe(queue.put_nowait, item)
 
         def run() -> None:
             try:
-                self._generate_sync(prompt_ids, params, emit, cancelled)
-            except BaseException as exc:  # surfaced to the consumer below
-                emit(exc)
+                self._generate_sync(
+                    prompt_ids, params, lambda step: loop.call_soon_threadsafe(channel.put, step), cancelled
+                )
+            except BaseException as exc:  # surfaced to the consumer
+                loop.call_soon_threadsafe(channel.fail, exc)
             finally:
-                emit(_DONE)
+                loop.call_soon_threadsafe(channel.close)
 
         future = loop.run_in_executor(self._worker, run)
         try:
-            while (item := await queue.get()) is not _DONE:
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
+            async for step in channel:
+                yield step
         finally:
             cancelled.set()  # the consumer left (client disconnect): stop at the next token
             await asyncio.shield(future)
@@ -111,8 +107,6 @@ class TransformersEngine:
         emit: Callable[[object], None],
         cancelled: threading.Event,
     ) -> None:
-        from monitors.text_stream import TextStream
-
         model, device = self.loaded.model, self.loaded.device
         generator = torch.Generator(device=device)
         generator.manual_seed(params.seed if params.seed is not None else torch.seed())

@@ -155,7 +155,10 @@ def cmd_vectors_report(args: argparse.Namespace) -> int:
         steering_strength=args.steering_strength,
         cache=model_source.cache_dir() / "activations",
     )
-    summary = report.build(loaded, vectors, Path(args.out), config)
+    try:
+        summary = report.build(loaded, vectors, Path(args.out), config)
+    except ValueError as exc:
+        return _fail(str(exc))
     print(json.dumps(summary, indent=2))
     print(f"limbic: wrote {args.out} and {Path(args.out).with_name('summary.json')}", file=sys.stderr)
     return 0

@@ -7,12 +7,15 @@ request asks via ``extra_body={"limbic": {"token_scores": true}}``, every token'
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
+from monitors.channel import Channel
 from monitors.engine import Engine, Step
 from monitors.session import Monitor, RequestMonitor
 from service.errors import APIError
@@ -97,9 +100,31 @@ class Completion:
         return self.monitor.token_scores(step, self.options.emotions) if self.options.token_scores else []
 
     async def steps(self) -> AsyncIterator[Step]:
-        async for step in self.engine.generate(self.prompt_ids, self.request.sampling(self.max_tokens)):
-            await self.monitor.observe(step, self.prompt_ids)
-            yield step
+        """The engine's steps, monitored as they are produced rather than as the client reads them.
+
+        A separate task runs generation and monitoring, so a slow SSE reader delays neither alerts nor
+        metrics; leaving this generator (a client disconnect) cancels the task, which aborts generation.
+        """
+        channel: Channel[Step] = Channel()
+
+        async def monitored() -> None:
+            try:
+                async for step in self.engine.generate(self.prompt_ids, self.request.sampling(self.max_tokens)):
+                    await self.monitor.observe(step, self.prompt_ids)
+                    channel.put(step)
+            except Exception as exc:
+                channel.fail(exc)
+            finally:
+                channel.close()
+
+        task = asyncio.create_task(monitored())
+        try:
+            async for step in channel:
+                yield step
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
 
 
 def prepare(

@@ -66,3 +66,14 @@ def test_steering_moves_the_generated_text_the_right_way(report):
     steering = summary["steering"]
     assert steering["+desperate"]["desperate"] > steering["none"]["desperate"] + 0.5
     assert steering["+calm"]["calm"] > steering["none"]["calm"] + 0.5
+
+
+def test_unknown_emotion_is_a_clear_error(tmp_path, default_model_path):
+    result = subprocess.run(
+        [str(ROOT / ".venv/bin/limbic"), "vectors", "report", "--out", str(tmp_path / "r.html"), "--emotions", "nope"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 2 and "nope" in result.stderr
+    assert not (tmp_path / "r.html").exists()

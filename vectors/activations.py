@@ -105,8 +105,9 @@ def cached_mean_activations(
     """
     if cache is None:
         return mean_activations(loaded, token_lists, layers, skip_tokens, batch_size)
+    identity = [loaded.identity.fingerprint, str(loaded.model.dtype), loaded.device.type]
     key = hashlib.sha256(
-        json.dumps([loaded.identity.fingerprint, list(layers), skip_tokens, [list(t) for t in token_lists]]).encode()
+        json.dumps([*identity, list(layers), skip_tokens, [list(t) for t in token_lists]]).encode()
     ).hexdigest()[:24]
     path = cache / loaded.identity.fingerprint / f"{key}.pt"
     if path.is_file():
@@ -115,6 +116,9 @@ def cached_mean_activations(
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, staging = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
     os.close(handle)
-    torch.save(result, staging)
-    os.replace(staging, path)
+    try:
+        torch.save(result, staging)
+        os.replace(staging, path)
+    finally:
+        Path(staging).unlink(missing_ok=True)
     return result

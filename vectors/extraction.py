@@ -26,7 +26,7 @@ from typing import Literal
 import torch
 from tqdm import tqdm
 
-from monitors.hf_model import LoadedModel
+from monitors.hf_model import LoadedModel, chat_ids
 from monitors.layers import default_layer
 from vectors import corpus
 from vectors.activations import cached_mean_activations, mean_activations, token_activations
@@ -136,8 +136,7 @@ def _as_plain_text(messages: list[dict]) -> str:
 
 
 def _chat_ids(loaded: LoadedModel, messages: list[dict]) -> list[int]:
-    encoded = loaded.tokenizer.apply_chat_template(messages, tokenize=True)
-    return list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
+    return chat_ids(loaded.tokenizer, messages)
 
 
 def extract(loaded: LoadedModel, config: ExtractionConfig = ExtractionConfig()) -> EmotionVectors:

@@ -95,6 +95,8 @@ def _dose_figure(d: validation.DoseCheck) -> str:
 def _steering_figure(s: validation.SteeringCheck) -> str:
     conditions = list(s.scores)
     emotions = list(next(iter(s.scores.values())))
+    if not emotions:
+        return "<p>No steering check: the vector set has neither calm nor desperate.</p>"
     fig, ax = plt.subplots(figsize=(7, 4))
     width = 0.8 / len(emotions)
     for k, emotion in enumerate(emotions):

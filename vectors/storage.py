@@ -127,6 +127,9 @@ def load(folder: Path) -> EmotionVectors:
         raise VectorFileError(f"{folder} is not a vector set (missing {Path(exc.filename).name})") from exc
     except (KeyError, TypeError, json.JSONDecodeError) as exc:
         raise VectorFileError(f"{folder} has a malformed manifest or tensor file: {exc}") from exc
+    t = manifest.thresholds
+    if t is not None and not len(t.warning) == len(t.critical) == len(manifest.emotions):
+        raise VectorFileError(f"{folder}: thresholds do not list one value per emotion")
     expected = (len(manifest.emotions), manifest.model.hidden_size)
     if tuple(directions.shape) != expected:
         raise VectorFileError(f"{folder}: directions have shape {tuple(directions.shape)}, manifest says {expected}")

@@ -14,8 +14,9 @@ from sklearn.feature_extraction.text import CountVectorizer
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 
-from monitors.hf_model import LoadedModel
+from monitors.hf_model import LoadedModel, chat_ids
 from monitors.layers import decoder_layers
+from monitors.probe import Readout
 from monitors.steering import steer, steering_vector
 from vectors import corpus
 from vectors.activations import cached_mean_activations, token_activations
@@ -24,6 +25,9 @@ from vectors.storage import EmotionVectors
 
 
 def _subset(vectors: EmotionVectors, emotions: Sequence[str] | None) -> list[str]:
+    unknown = sorted(set(emotions or ()) - set(vectors.emotions))
+    if unknown:
+        raise ValueError(f"the vector set has no {unknown}")
     return [e for e in vectors.emotions if emotions is None or e in emotions]
 
 
@@ -229,17 +233,15 @@ def dose_check(loaded: LoadedModel, vectors: EmotionVectors, emotions: Sequence[
     Read where the paper reads the model's reaction: the tokens that open the assistant's reply.
     """
     names = [e for e in emotions if e in vectors.emotions]
-    c = vectors.manifest.calibration
+    readout = Readout(vectors)
     scores: dict[str, list[float]] = {e: [] for e in names}
     for dose in DOSES_MG:
         messages = [{"role": "user", "content": DOSE_TEMPLATE.format(dose=dose)}]
-        encoded = loaded.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        ids = list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
+        ids = chat_ids(loaded.tokenizer, messages, add_generation_prompt=True)
         rows = token_activations(loaded, [ids], vectors.manifest.layer)[-3:]  # "<|im_start|>assistant\n"
+        z = readout(rows).mean(0)
         for e in names:
-            i = vectors.emotions.index(e)
-            z = (rows @ vectors.directions[i].float() - c.mean[i]) / c.std[i]
-            scores[e].append(float(z.mean()))
+            scores[e].append(float(z[vectors.emotions.index(e)]))
     spearman = {e: float(spearmanr(DOSES_MG, scores[e])[0]) for e in names}
     return DoseCheck(list(DOSES_MG), scores, spearman)
 
@@ -271,19 +273,17 @@ def steering_check(
     """
     layer = decoder_layers(loaded.model)[vectors.manifest.layer]
     residual_norm = vectors.manifest.calibration.sink_norm / 10  # the median token norm (see extraction)
-    conditions = {"none": {}, "+calm": {"calm": strength}, "+desperate": {"desperate": strength}}
     watched = [e for e in ("desperate", "calm") if e in vectors.emotions]
+    conditions = {"none": {}} | {f"+{e}": {e: strength} for e in reversed(watched)}
     scores: dict[str, dict[str, float]] = {}
     samples: dict[str, str] = {}
-    c = vectors.manifest.calibration
+    readout = Readout(vectors)
     for name, strengths in conditions.items():
         totals = {e: [] for e in watched}
+        addition = steering_vector(vectors, strengths, residual_norm)
         for prompt in STEERING_PROMPTS:
-            encoded = loaded.tokenizer.apply_chat_template(
-                [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True
-            )
-            ids = torch.tensor([list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)])
-            addition = steering_vector(vectors, strengths, residual_norm)
+            messages = [{"role": "user", "content": prompt}]
+            ids = torch.tensor([chat_ids(loaded.tokenizer, messages, add_generation_prompt=True)], device=loaded.device)
             with steer(layer, addition):
                 out = loaded.model.generate(
                     ids, max_new_tokens=max_tokens, do_sample=False, pad_token_id=loaded.tokenizer.pad_token_id
@@ -291,8 +291,8 @@ def steering_check(
             generated = out[0, ids.shape[1] :].tolist()
             samples.setdefault(name, loaded.tokenizer.decode(generated, skip_special_tokens=True))
             rows = token_activations(loaded, [out[0].tolist()], vectors.manifest.layer)[ids.shape[1] :]
+            z = readout(rows).mean(0)
             for e in watched:
-                i = vectors.emotions.index(e)
-                totals[e].append(float(((rows @ vectors.directions[i].float() - c.mean[i]) / c.std[i]).mean()))
+                totals[e].append(float(z[vectors.emotions.index(e)]))
         scores[name] = {e: float(np.mean(v)) for e, v in totals.items()}
     return SteeringCheck(strength, scores, samples)
