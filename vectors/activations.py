@@ -15,6 +15,7 @@ from tqdm import tqdm
 
 from monitors.hf_model import LoadedModel
 from monitors.layers import decoder_layers, residual_from_output
+from vectors import corpus
 
 
 @contextmanager
@@ -122,3 +123,30 @@ def cached_mean_activations(
     finally:
         Path(staging).unlink(missing_ok=True)
     return result
+
+
+def story_means(
+    loaded: LoadedModel,
+    emotions: Sequence[str],
+    split: corpus.Split,
+    skip_tokens: int,
+    limit: int | None = None,
+    cache: Path | None = None,
+    batch_size: int = 8,
+    progress: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean activations at every layer of each story in ``split`` [stories, layers, hidden], with labels
+    (indices into ``emotions``). Computed emotion by emotion, so each emotion is cached on its own and
+    extraction and validation share the cache."""
+    layers = list(range(loaded.identity.num_layers))
+    means, labels = [], []
+    for label, emotion in enumerate(tqdm(emotions, desc=f"{split} stories", disable=not progress)):
+        ids = [
+            loaded.tokenizer.encode(s.text, add_special_tokens=False)
+            for s in corpus.load_stories(emotion, split, limit)
+        ]
+        if ids:
+            means.append(cached_mean_activations(loaded, ids, layers, skip_tokens, cache, batch_size))
+            labels += [label] * len(ids)
+    empty = torch.zeros(0, len(layers), loaded.identity.hidden_size)
+    return (torch.cat(means) if means else empty), torch.tensor(labels, dtype=torch.long)

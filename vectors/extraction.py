@@ -24,12 +24,11 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from tqdm import tqdm
 
 from monitors.hf_model import LoadedModel, chat_ids
 from monitors.layers import default_layer
 from vectors import corpus
-from vectors.activations import cached_mean_activations, mean_activations, token_activations
+from vectors.activations import mean_activations, story_means, token_activations
 from vectors.storage import Calibration, EmotionVectors, Manifest, Thresholds
 
 log = logging.getLogger(__name__)
@@ -112,25 +111,6 @@ def neutral_thresholds(rows: torch.Tensor, directions: torch.Tensor, calibration
     )
 
 
-def _story_means(
-    loaded: LoadedModel, emotions: Sequence[str], split: corpus.Split, layers: list[int], config: ExtractionConfig
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean activations of every story in ``split``, emotion by emotion (each cached on its own)."""
-    means, labels = [], []
-    for label, emotion in enumerate(tqdm(emotions, desc=f"{split} stories", disable=not config.progress)):
-        ids = [
-            loaded.tokenizer.encode(s.text, add_special_tokens=False)
-            for s in corpus.load_stories(emotion, split, config.stories_per_emotion)
-        ]
-        if ids:
-            means.append(
-                cached_mean_activations(loaded, ids, layers, config.skip_tokens, config.cache, config.batch_size)
-            )
-            labels += [label] * len(ids)
-    hidden = loaded.identity.hidden_size
-    return (torch.cat(means) if means else torch.zeros(0, len(layers), hidden)), torch.tensor(labels, dtype=torch.long)
-
-
 def _as_plain_text(messages: list[dict]) -> str:
     return "\n".join(m["content"] for m in messages)
 
@@ -152,8 +132,11 @@ def extract(loaded: LoadedModel, config: ExtractionConfig = ExtractionConfig()) 
     all_layers = list(range(n_layers))
     desc = (lambda text: text) if config.progress else (lambda text: None)
 
-    train, train_labels = _story_means(loaded, emotions, "train", all_layers, config)
-    heldout, heldout_labels = _story_means(loaded, emotions, "heldout", all_layers, config)
+    shared = dict(limit=config.stories_per_emotion, cache=config.cache, batch_size=config.batch_size)
+    train, train_labels = story_means(loaded, emotions, "train", config.skip_tokens, **shared, progress=config.progress)
+    heldout, heldout_labels = story_means(
+        loaded, emotions, "heldout", config.skip_tokens, **shared, progress=config.progress
+    )
 
     dialogues = corpus.load_neutral_dialogues("train", config.neutral_dialogues)
     plain = [loaded.tokenizer.encode(_as_plain_text(d), add_special_tokens=False) for d in dialogues]

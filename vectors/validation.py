@@ -19,7 +19,7 @@ from monitors.layers import decoder_layers
 from monitors.probe import Readout
 from monitors.steering import steer, steering_vector
 from vectors import corpus
-from vectors.activations import cached_mean_activations, token_activations
+from vectors.activations import story_means, token_activations
 from vectors.concepts import ratings
 from vectors.storage import EmotionVectors
 
@@ -63,23 +63,6 @@ def _classification(scores: np.ndarray, labels: np.ndarray, emotions: list[str])
     return Classification(top1, top5, auroc)
 
 
-def _heldout_means(
-    loaded: LoadedModel, vectors: EmotionVectors, names: list[str], limit: int | None, cache: Path | None
-) -> torch.Tensor:
-    """Held-out story means at the monitored layer, emotion by emotion, through extraction's activation cache."""
-    layers = list(range(loaded.identity.num_layers))  # the cache key extraction used
-    skip = vectors.manifest.extraction.get("skip_tokens", 50)
-    per_emotion = []
-    for emotion in names:
-        ids = [
-            loaded.tokenizer.encode(s.text, add_special_tokens=False)
-            for s in corpus.load_stories(emotion, "heldout", limit)
-        ]
-        if ids:
-            per_emotion.append(cached_mean_activations(loaded, ids, layers, skip, cache)[:, vectors.manifest.layer])
-    return torch.cat(per_emotion)
-
-
 def _stories(emotions: list[str], split: corpus.Split, limit: int | None) -> tuple[list[str], np.ndarray]:
     texts, labels = [], []
     for i, emotion in enumerate(emotions):
@@ -105,7 +88,9 @@ def heldout_evaluation(
     index = [vectors.emotions.index(e) for e in names]
     directions = vectors.directions[index].float()
     texts, labels = _stories(names, "heldout", limit)
-    projections = (_heldout_means(loaded, vectors, names, limit, cache) @ directions.T).numpy()
+    skip = vectors.manifest.extraction.get("skip_tokens", 50)
+    means, _ = story_means(loaded, names, "heldout", skip, limit, cache)
+    projections = (means[:, vectors.manifest.layer] @ directions.T).numpy()
     stats = vectors.manifest.extraction.get("train_story_projection")
     if stats:
         mean, std = np.array(stats["mean"])[index], np.array(stats["std"])[index]
