@@ -1,4 +1,4 @@
-"""The boundary between the service and a generation engine (transformers now, vLLM later).
+"""The boundary between the service and a generation engine (vLLM for serving, transformers for research).
 
 An engine turns prompt token ids into a stream of ``Step``s: decoded text deltas plus the per-token emotion
 scores its hooks measured. The service never touches model internals; the monitor never touches text.
@@ -6,8 +6,8 @@ scores its hooks measured. The service never touches model internals; the monito
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
 from monitors.probe import ScoredRows
@@ -16,6 +16,10 @@ from vectors.storage import EmotionVectors, ModelIdentity
 Phase = Literal["prompt", "generation"]
 PHASES: tuple[Phase, ...] = ("prompt", "generation")
 FinishReason = Literal["stop", "length", "abort"]
+
+
+class EngineStartupError(RuntimeError):
+    """The engine came up but cannot serve; the message names the fix."""
 
 
 @dataclass(frozen=True)
@@ -28,6 +32,9 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     ignore_eos: bool = False  # vLLM's extension: run to max_tokens (benchmarks, tests)
+    # Steering at the monitored layer: emotion -> strength as a fraction of the typical residual norm there.
+    # Scores are read before the addition, so they show how the model's own state responds to it.
+    steer: Mapping[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -66,5 +73,8 @@ class Engine(Protocol):
     def scoring_seconds(self) -> float: ...
 
     def forward_seconds(self) -> float: ...
+
+    async def start(self) -> None:
+        """Called once inside the serving event loop, before the first request."""
 
     async def close(self) -> None: ...

@@ -7,6 +7,7 @@ through an asyncio queue. Good for research and any architecture transformers lo
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
 from collections import Counter
@@ -22,7 +23,8 @@ from monitors.channel import Channel
 from monitors.engine import SamplingParams, Step
 from monitors.layers import decoder_layers
 from monitors.probe import Readout, ResidualProbe, ScoredRows
-from monitors.text_stream import TextStream
+from monitors.steering import steer, steering_vector
+from monitors.text_stream import Generation
 from vectors.storage import EmotionVectors
 
 
@@ -34,8 +36,8 @@ class TransformersEngine:
         self.vectors = vectors
         self.context_length = hf_model.context_length(loaded.model, loaded.tokenizer)
         self._eos = hf_model.eos_token_ids(loaded.model, loaded.tokenizer)
-        layer = decoder_layers(loaded.model)[vectors.manifest.layer]
-        self._probe = ResidualProbe(layer, Readout(vectors, loaded.device))
+        self._layer = decoder_layers(loaded.model)[vectors.manifest.layer]
+        self._probe = ResidualProbe(self._layer, Readout(vectors, loaded.device))  # first: reads before steering
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="limbic-engine")
         self._forward_seconds = 0.0  # cumulative, on the worker thread; read by metrics
 
@@ -107,35 +109,51 @@ class TransformersEngine:
         emit: Callable[[object], None],
         cancelled: threading.Event,
     ) -> None:
-        model, device = self.loaded.model, self.loaded.device
-        generator = torch.Generator(device=device)
+        generator = torch.Generator(device=self.loaded.device)
         generator.manual_seed(params.seed if params.seed is not None else torch.seed())
-        text = TextStream(self.decode, params.stop)
+        generation = Generation(self.decode, params, self._eos)
         counts: Counter[int] = Counter()
         self._probe.drain()
+        with self._steering(params):
+            self._generate_loop(prompt_ids, params, emit, cancelled, generator, generation, counts)
 
+    def _steering(self, params: SamplingParams) -> contextlib.AbstractContextManager:
+        if not any(params.steer.values()):
+            return contextlib.nullcontext()
+        typical_norm = self.vectors.manifest.calibration.typical_norm
+        return steer(self._layer, steering_vector(self.vectors, params.steer, typical_norm))
+
+    def _generate_loop(
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        emit: Callable[[object], None],
+        cancelled: threading.Event,
+        generator: torch.Generator,
+        generation: Generation,
+        counts: Counter[int],
+    ) -> None:
+        model = self.loaded.model
         out = self._forward(model, [prompt_ids], use_cache=True)
         emit(Step(scores=self._probe.drain(), phase="prompt"))
-        generated = 0
         while True:
             token = self._sample(out.logits[0, -1], params, counts, generator)
             counts[token] += 1
-            generated += 1
-            finish = None
-            if token in self._eos and not params.ignore_eos:
-                finish, delta = "stop", text.flush()
-            else:
-                delta = text.push(token)
-                if text.stopped:
-                    finish = "stop"
-                elif generated >= params.max_tokens:
-                    finish, delta = "length", delta + text.flush()
-                elif cancelled.is_set():
-                    finish = "abort"
+            delta, finish = generation.push(token)
+            if finish is None and cancelled.is_set():
+                finish = "abort"
             # Feed the token back: this both scores it and yields the logits for the next one.
             out = self._forward(model, [[token]], past_key_values=out.past_key_values, use_cache=True)
             scores = self._probe.drain()
-            emit(Step(text=delta, token_ids=[token], scores=scores, score_start=generated - 1, finish_reason=finish))
+            emit(
+                Step(
+                    text=delta,
+                    token_ids=[token],
+                    scores=scores,
+                    score_start=generation.count - 1,
+                    finish_reason=finish,
+                )
+            )
             if finish is not None:
                 return
 
@@ -155,6 +173,9 @@ class TransformersEngine:
             sorted_probs[outside] = 0.0
             probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
         return int(torch.multinomial(probs, 1, generator=generator))
+
+    async def start(self) -> None:
+        pass
 
     async def close(self) -> None:
         self._probe.remove()

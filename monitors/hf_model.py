@@ -7,7 +7,15 @@ import json
 from dataclasses import dataclass
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from safetensors import safe_open
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from monitors.layers import hidden_size, num_hidden_layers
 from monitors.model_source import ModelSource
@@ -34,13 +42,45 @@ def fingerprint(model: PreTrainedModel) -> str:
 
     Rounding to bfloat16 first makes a float32 load of bf16 weights, and the GGUF they came from, agree.
     """
+    return _fingerprint(type(model).__name__, model.config, model.get_input_embeddings().weight.detach())
+
+
+def _fingerprint(architecture: str, config: PretrainedConfig, embeddings: torch.Tensor) -> str:
     digest = hashlib.sha256()
-    config = model.config
-    shape = {"arch": type(model).__name__, "hidden": hidden_size(config), "layers": num_hidden_layers(config)}
+    shape = {"arch": architecture, "hidden": hidden_size(config), "layers": num_hidden_layers(config)}
     digest.update(json.dumps(shape, sort_keys=True).encode())
-    rows = model.get_input_embeddings().weight[:_FINGERPRINT_ROWS].detach()
+    rows = embeddings[:_FINGERPRINT_ROWS]
     digest.update(rows.to(torch.bfloat16).view(torch.int16).cpu().numpy().tobytes())
     return digest.hexdigest()[:16]
+
+
+def folder_identity(source: ModelSource) -> ModelIdentity:
+    """The identity ``load`` would report, read from the folder without loading the weights.
+
+    For engines that load the model themselves (vLLM): the architecture comes from a model built on the
+    meta device, the embedding rows straight from the safetensors files.
+    """
+    config = AutoConfig.from_pretrained(source.path)
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config)
+    embedding = skeleton.get_input_embeddings().weight
+    name = next(n for n, p in skeleton.named_parameters() if p is embedding)
+    rows = None
+    for file in sorted(source.path.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as tensors:
+            if name in tensors.keys():  # noqa: SIM118 (safe_open has no __contains__)
+                rows = tensors.get_slice(name)[:_FINGERPRINT_ROWS]
+                break
+    if rows is None:
+        raise FileNotFoundError(f"no tensor {name} in {source.path}/*.safetensors")
+    architecture = type(skeleton).__name__
+    return ModelIdentity(
+        name=source.name,
+        architecture=architecture,
+        hidden_size=hidden_size(config),
+        num_layers=num_hidden_layers(config),
+        fingerprint=_fingerprint(architecture, config, rows),
+    )
 
 
 def load(source: ModelSource, device: str = "cpu", dtype: torch.dtype = torch.float32) -> LoadedModel:

@@ -32,9 +32,9 @@ def hidden_size(config: object) -> int:
     raise LayerDiscoveryError(f"config {type(config).__name__} does not state its hidden size")
 
 
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The model's decoder layers, in order."""
-    expected = num_hidden_layers(model.config)
+def decoder_layers(model: nn.Module, config: object | None = None) -> nn.ModuleList:
+    """The model's decoder layers, in order (``config`` for models that do not carry theirs, as in vLLM)."""
+    expected = num_hidden_layers(config if config is not None else model.config)
     candidates = [
         (name, module)
         for name, module in model.named_modules()

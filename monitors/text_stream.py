@@ -6,7 +6,11 @@ and not a prefix of a stop string that the next token might complete.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from monitors.engine import FinishReason, SamplingParams
 
 
 class TextStream:
@@ -51,3 +55,30 @@ class TextStream:
                     longest = n
                     break
         return longest
+
+
+class Generation:
+    """When a generation ends and what text each token releases: the stop rules every engine shares.
+
+    EOS (unless ``ignore_eos``) and stop strings finish with "stop", ``max_tokens`` with "length". The EOS
+    token itself is counted and scored but adds no text.
+    """
+
+    def __init__(
+        self, decode: Callable[[Sequence[int]], str], params: SamplingParams, eos_token_ids: Collection[int]
+    ) -> None:
+        self.text = TextStream(decode, params.stop)
+        self.params = params
+        self.eos = frozenset(() if params.ignore_eos else eos_token_ids)
+        self.count = 0
+
+    def push(self, token_id: int) -> tuple[str, FinishReason | None]:
+        self.count += 1
+        if token_id in self.eos:
+            return self.text.flush(), "stop"
+        delta = self.text.push(token_id)
+        if self.text.stopped:
+            return delta, "stop"
+        if self.count >= self.params.max_tokens:
+            return delta + self.text.flush(), "length"
+        return delta, None

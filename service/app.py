@@ -36,6 +36,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         active = engine or await asyncio.to_thread(runtime.load_engine, settings)
+        await active.start()
         sink = await runtime.open_sink(settings)
         monitor = runtime.build_monitor(settings, active, sink)
         app.state.limbic = State(settings, active, monitor, [active.model_name], time.time())
@@ -55,7 +56,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
 
     async def _run(request: Request, body: ChatCompletionRequest | CompletionRequest) -> Response:
         s = state(request)
-        completion = completions.prepare(s.engine, s.monitor, body, s.served_names)
+        completion = completions.prepare(s.engine, s.monitor, body, s.served_names, s.settings.steer)
         if body.stream:
             return StreamingResponse(
                 completions.stream(completion),

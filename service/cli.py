@@ -73,6 +73,7 @@ def _read_items(stream: TextIO) -> Iterable[tuple[int, dict | None, str | None]]
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
+    from monitors.engine import EngineStartupError
     from service import runtime
     from service.analysis import analyze_text
 
@@ -85,6 +86,13 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     failures = 0
 
     async def run() -> None:
+        try:
+            await engine.start()
+            await analyze_all()
+        finally:
+            await engine.close()
+
+    async def analyze_all() -> None:
         nonlocal failures
         for _, item, problem in _read_items(source):
             item_id = item.get("id") if item else None
@@ -98,10 +106,11 @@ def cmd_analyze(args: argparse.Namespace) -> int:
                 print(f"limbic analyze: {problem}", file=sys.stderr)
                 result = {"id": item_id, "error": problem}
             print(json.dumps(result), flush=True)
-        await engine.close()
 
     try:
         asyncio.run(run())
+    except EngineStartupError as exc:
+        return _fail(str(exc))
     finally:
         if source is not sys.stdin:
             source.close()
@@ -205,6 +214,17 @@ def build_parser() -> argparse.ArgumentParser:
     def model_flags(p: argparse.ArgumentParser) -> None:
         p.add_argument("--model", help="local Hugging Face folder or .gguf file (default: SmolLM2-135M-Instruct)")
         p.add_argument("--vectors", type=Path, help="vector set folder (default: the bundled set for the model)")
+        p.add_argument(
+            "--engine", choices=["auto", "vllm", "transformers"], help="auto (default): vLLM where installed"
+        )
+        p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="model weights (default float32)")
+        p.add_argument(
+            "--vllm-enforce-eager",
+            dest="vllm_enforce_eager",
+            action="store_true",
+            default=None,
+            help="skip torch.compile: starts in ~30 s instead of ~3 min the first time, serves slower",
+        )
 
     serve = commands.add_parser("serve", help="start the OpenAI-compatible server")
     model_flags(serve)

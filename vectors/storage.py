@@ -20,6 +20,8 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 TENSORS = "vectors.safetensors"
 BUNDLED = Path(__file__).parent / "data"
+# A token whose residual norm is this many times the median is an attention sink (see Calibration).
+SINK_NORM_RATIO = 10.0
 
 
 class VectorFileError(RuntimeError):
@@ -46,6 +48,11 @@ class Calibration:
     sink_norm: float
     n_tokens: int
     source: str
+
+    @property
+    def typical_norm(self) -> float:
+        """The median residual norm at the layer (extraction sets the sink threshold at 10x it): steering's unit."""
+        return self.sink_norm / SINK_NORM_RATIO
 
 
 @dataclass(frozen=True)

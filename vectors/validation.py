@@ -257,7 +257,7 @@ def steering_check(
     Scoring without the steering hook measures what the steered text itself carries, not the addition.
     """
     layer = decoder_layers(loaded.model)[vectors.manifest.layer]
-    residual_norm = vectors.manifest.calibration.sink_norm / 10  # the median token norm (see extraction)
+    residual_norm = vectors.manifest.calibration.typical_norm
     watched = [e for e in ("desperate", "calm") if e in vectors.emotions]
     conditions = {"none": {}} | {f"+{e}": {e: strength} for e in reversed(watched)}
     scores: dict[str, dict[str, float]] = {}

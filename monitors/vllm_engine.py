@@ -1,0 +1,232 @@
+"""The vLLM engine: continuous batching in vLLM's async engine, every request scored token by token.
+
+vLLM's ``AsyncLLM`` runs in this process (its engine core and workers in child processes). limbic's
+plugin (``monitors.vllm_plugin``) scores each forward pass's rows inside the worker and pushes them here
+over ZMQ (``monitors.vllm_scores``); this engine joins them to the tokens vLLM returns, per request.
+
+Alignment. A token's score is the residual at that token's own position, which exists only once the
+token has been fed back in. vLLM never feeds the last token it samples, so limbic asks vLLM for one token
+more than the client did, with EOS and stop strings handled here (``monitors.text_stream.Generation``):
+the step that would sample the extra token scores the last returned one, after which the request is
+ended and the extra token dropped. So every returned token is scored, exactly as in the transformers
+engine; the price is one decode row per request. Prompt tokens are all scored: requests skip reading
+vLLM's prefix cache, and steered requests carry their own cache salt, so their KV never serves others.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import tempfile
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from monitors import hf_model, vllm_plugin
+from monitors.engine import EngineStartupError, SamplingParams, Step
+from monitors.model_source import ModelSource
+from monitors.probe import ScoredRows
+from monitors.text_stream import Generation
+from monitors.vllm_scores import RequestScores, ScoreMissing, ScoreReceiver
+from vectors.storage import EmotionVectors
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class VLLMOptions:
+    dtype: str = "float32"
+    max_model_len: int | None = None  # None: the model's own
+    kv_cache_gib: float = 1.0  # CPU: memory reserved for the KV cache
+    enforce_eager: bool = False  # True: start in ~30 s instead of compiling (~3 min once), ~40% slower
+    tensor_parallel_size: int = 1
+    max_num_seqs: int = 64
+    seed: int = 0
+    score_timeout: float = 120.0  # seconds to wait for a scored row before failing the request
+
+
+class VLLMEngine:
+    def __init__(
+        self, source: ModelSource, vectors_folder: Path, vectors: EmotionVectors, options: VLLMOptions
+    ) -> None:
+        from transformers import AutoTokenizer
+        from vllm import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        self.model_name = source.name
+        self.identity = hf_model.folder_identity(source)
+        self.vectors = vectors
+        self.options = options
+        self.tokenizer = AutoTokenizer.from_pretrained(source.path)
+        self._eos = self._eos_token_ids(source)
+
+        socket_dir = tempfile.mkdtemp(prefix="limbic-")
+        self._receiver = ScoreReceiver(f"ipc://{socket_dir}/scores.sock", len(vectors.emotions))
+        # Inherited by vLLM's spawned processes; an environment variable rather than engine config so the
+        # per-run socket path stays out of the compile-cache key.
+        os.environ[vllm_plugin.ADDRESS_ENV] = self._receiver.address
+        os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"  # the plugin reads the V1 runner's batch layout
+        args = AsyncEngineArgs(
+            model=str(source.path),
+            served_model_name=[source.name],
+            dtype=options.dtype,
+            max_model_len=options.max_model_len,
+            enforce_eager=options.enforce_eager,
+            tensor_parallel_size=options.tensor_parallel_size,
+            max_num_seqs=options.max_num_seqs,
+            seed=options.seed,
+            kv_cache_memory_bytes=int(options.kv_cache_gib * 2**30) if _on_cpu() else None,
+            additional_config={
+                vllm_plugin.CONFIG_KEY: {
+                    "vectors": str(Path(vectors_folder).resolve()),
+                    "layer": vectors.manifest.layer,
+                    "fingerprint": vectors.manifest.model.fingerprint,  # a new vector set: a new compile key
+                    "plugin": vllm_plugin.PLUGIN_VERSION,
+                }
+            },
+            disable_log_stats=True,
+        )
+        self._llm = AsyncLLM.from_engine_args(args)
+        # One position stays free for the extra step that scores the last returned token (see above).
+        self.context_length = self._llm.model_config.max_model_len - 1
+
+    @staticmethod
+    def _eos_token_ids(source: ModelSource) -> set[int]:
+        from transformers import GenerationConfig
+
+        ids: set[int] = set()
+        with contextlib.suppress(OSError):
+            value = GenerationConfig.from_pretrained(source.path).eos_token_id
+            ids.update([value] if isinstance(value, int) else value or [])
+        return ids
+
+    # --- tokenisation -------------------------------------------------------------------------------
+    def chat_prompt_ids(self, messages: list[dict[str, str]]) -> list[int]:
+        return hf_model.chat_ids(self.tokenizer, messages, add_generation_prompt=True)
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.tokenizer.encode(text, add_special_tokens=False))
+
+    def decode(self, token_ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(token_ids), skip_special_tokens=True)
+
+    def scoring_seconds(self) -> float:
+        return self._receiver.worker_times.get("scoring", 0.0)
+
+    def forward_seconds(self) -> float:
+        return self._receiver.worker_times.get("forward", 0.0)
+
+    # --- lifecycle ----------------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Starts the score reader in this event loop and checks the plugin reports from the worker."""
+        self._receiver.start()
+        try:
+            await self.score(self.encode("limbic start-up check"), timeout=60.0)
+        except ScoreMissing as exc:
+            raise EngineStartupError(
+                "vLLM runs but limbic's plugin sent no scores: install limbic into the same environment as "
+                "vLLM (`pip install -e .` registers the vllm.general_plugins entry point) and leave "
+                "VLLM_PLUGINS unset or include `limbic` in it"
+            ) from exc
+
+    async def close(self) -> None:
+        self._llm.shutdown()
+        await self._receiver.close()
+
+    # --- requests -----------------------------------------------------------------------------------
+    def _vllm_params(self, params: SamplingParams, key: str, max_tokens: int) -> Any:
+        from vllm import SamplingParams as VLLMSamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        return VLLMSamplingParams(
+            max_tokens=max_tokens,
+            temperature=params.temperature,
+            top_p=params.top_p,
+            seed=params.seed,
+            presence_penalty=params.presence_penalty,
+            frequency_penalty=params.frequency_penalty,
+            ignore_eos=True,  # EOS is judged here (Generation), after it too has been scored
+            detokenize=False,  # text comes from Generation, the same code as the transformers engine
+            output_kind=RequestOutputKind.DELTA,
+            skip_reading_prefix_cache=True,  # cached prompt tokens would get no scores
+            extra_args={vllm_plugin.REQUEST_KEY: {"key": key, "steer": dict(params.steer)}},
+        )
+
+    @staticmethod
+    def _prompt(prompt_ids: list[int], params: SamplingParams) -> dict:
+        prompt: dict[str, Any] = {"prompt_token_ids": prompt_ids}
+        if any(params.steer.values()):
+            steering = json.dumps(sorted(params.steer.items())).encode()
+            prompt["cache_salt"] = "limbic-steer-" + hashlib.sha256(steering).hexdigest()[:16]
+        return prompt
+
+    @contextlib.asynccontextmanager
+    async def _request(
+        self, prompt_ids: list[int], params: SamplingParams, max_tokens: int
+    ) -> AsyncIterator[tuple[RequestScores, AsyncIterator[Any]]]:
+        """One vLLM request with its score buffer; leaving the block ends (aborts) it."""
+        key = uuid.uuid4().hex
+        scores = self._receiver.open(key, len(prompt_ids) + max_tokens)
+        outputs = self._llm.generate(
+            self._prompt(prompt_ids, params), self._vllm_params(params, key, max_tokens), request_id=key
+        )
+        try:
+            yield scores, outputs
+        finally:
+            await outputs.aclose()  # vLLM aborts a request whose output stream is closed early
+            self._receiver.close_request(key)
+
+    async def score(self, token_ids: list[int], timeout: float | None = None) -> ScoredRows:
+        async with self._request(token_ids, SamplingParams(max_tokens=1, temperature=0), 1) as (scores, outputs):
+            async for _ in outputs:
+                break  # the prompt's rows were scored in the prefill that produced this output
+            return await scores.rows(0, len(token_ids), timeout or self.options.score_timeout)
+
+    async def generate(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[Step]:
+        n_prompt = len(prompt_ids)
+        timeout = self.options.score_timeout
+        generation = Generation(self.decode, params, self._eos)
+        async with self._request(prompt_ids, params, params.max_tokens + 1) as (scores, outputs):
+            pending: list[tuple[int, str]] = []  # sampled tokens (and their text) awaiting their scores
+            finish = None
+            first = True
+            async for output in outputs:
+                if first:
+                    yield Step(scores=await scores.rows(0, n_prompt, timeout), phase="prompt")
+                    first = False
+                for token in output.outputs[0].token_ids:
+                    delta, finish = generation.push(token)
+                    pending.append((token, delta))
+                    if finish is not None:
+                        break
+                # All but the newest token were fed in the step that sampled the newest; the newest waits for
+                # the next step, unless generation is over, in which case that step is the extra one.
+                releasable = len(pending) if finish is not None else len(pending) - 1
+                if releasable > 0:
+                    done = generation.count - len(pending)
+                    at = n_prompt + done
+                    rows = await scores.rows(at, at + releasable, timeout)
+                    released, pending = pending[:releasable], pending[releasable:]
+                    yield Step(
+                        text="".join(delta for _, delta in released),
+                        token_ids=[token for token, _ in released],
+                        scores=rows,
+                        score_start=done,
+                        finish_reason=finish,
+                    )
+                if finish is not None:
+                    return
+                if output.finished:
+                    reason = output.outputs[0].finish_reason
+                    raise RuntimeError(f"vLLM ended the request early ({reason}) before limbic's stop condition")
+
+
+def _on_cpu() -> bool:
+    from vllm.platforms import current_platform
+
+    return current_platform.is_cpu()

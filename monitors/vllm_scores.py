@@ -1,0 +1,154 @@
+"""The side channel that carries per-token scores from vLLM's workers to the API process.
+
+One ZMQ message per forward pass (PUSH in the worker, PULL in the API process, over an ipc socket): a
+JSON header (the requests' limbic keys, and the worker's cumulative forward and scoring seconds), then raw
+little-endian arrays: query start offsets (int32, one more than keys), each row's position (int32),
+z-scores (float32, rows x emotions) and residual norms (float32). Rows for a request nobody waits on
+(finished, aborted, or a warm-up) are dropped.
+
+The worker's send blocks when the reader falls far behind (ZMQ's high-water mark): generation slows
+down rather than losing scores.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+
+import numpy as np
+import zmq
+import zmq.asyncio
+
+from monitors.probe import ScoredRows
+
+log = logging.getLogger(__name__)
+
+_HIGH_WATER_MARK = 10_000  # messages; a forward pass each
+
+
+class ScorePusher:
+    """Worker side: sends each forward pass's scores."""
+
+    def __init__(self, address: str) -> None:
+        self._context = zmq.Context()
+        self._socket = self._context.socket(zmq.PUSH)
+        self._socket.setsockopt(zmq.SNDHWM, _HIGH_WATER_MARK)
+        self._socket.connect(address)
+
+    def push(
+        self,
+        keys: list[str],
+        starts: np.ndarray,
+        positions: np.ndarray,
+        z: np.ndarray,
+        norms: np.ndarray,
+        times: dict[str, float],
+    ) -> None:
+        self._socket.send_multipart(
+            [
+                json.dumps({"keys": keys, "times": times}).encode(),
+                np.ascontiguousarray(starts, "<i4"),
+                np.ascontiguousarray(positions, "<i4"),
+                np.ascontiguousarray(z, "<f4"),
+                np.ascontiguousarray(norms, "<f4"),
+            ],
+            copy=False,
+        )
+
+
+class ScoreMissing(RuntimeError):
+    """Scores for a token did not arrive in time: the worker-side plugin is not running or fell over."""
+
+
+class RequestScores:
+    """One request's scores by position; rows arrive in any order and a recomputed position overwrites."""
+
+    def __init__(self, capacity: int, width: int) -> None:
+        self.z = np.zeros((capacity, width), np.float32)
+        self.norms = np.zeros(capacity, np.float32)
+        self.filled = np.zeros(capacity, bool)
+        self._arrived = asyncio.Event()
+
+    def write(self, positions: np.ndarray, z: np.ndarray, norms: np.ndarray) -> None:
+        keep = positions < len(self.filled)  # the one step vLLM may run past the last position we asked for
+        positions = positions[keep]
+        self.z[positions] = z[keep]
+        self.norms[positions] = norms[keep]
+        self.filled[positions] = True
+        self._arrived.set()
+
+    def ready(self, start: int, stop: int) -> bool:
+        return bool(self.filled[start:stop].all())
+
+    async def rows(self, start: int, stop: int, timeout: float) -> ScoredRows:
+        """Positions ``start .. stop``, waiting up to ``timeout`` seconds for them to arrive."""
+        deadline = time.monotonic() + timeout
+        while not self.ready(start, stop):
+            self._arrived.clear()
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                missing = [int(p) for p in np.flatnonzero(~self.filled[start:stop])[:5] + start]
+                raise ScoreMissing(f"no scores for positions {missing} after {timeout:.0f} s")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._arrived.wait(), remaining)
+        return ScoredRows(self.z[start:stop].copy(), self.norms[start:stop].copy())
+
+
+class ScoreReceiver:
+    """API side: binds the socket and routes each message's rows to the requests waiting for them."""
+
+    def __init__(self, address: str, width: int) -> None:
+        self.address = address
+        self.width = width
+        self._context = zmq.asyncio.Context()
+        self._socket = self._context.socket(zmq.PULL)
+        self._socket.setsockopt(zmq.RCVHWM, _HIGH_WATER_MARK)
+        self._socket.bind(address)
+        self._open: dict[str, RequestScores] = {}
+        self._task: asyncio.Task | None = None
+        self.messages = 0
+        self.worker_times: dict[str, float] = {}  # cumulative seconds the worker reports: forward, scoring
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="limbic-score-receiver")
+
+    def open(self, key: str, capacity: int) -> RequestScores:
+        scores = self._open[key] = RequestScores(capacity, self.width)
+        return scores
+
+    def close_request(self, key: str) -> None:
+        self._open.pop(key, None)
+
+    async def _run(self) -> None:
+        while True:
+            frames = await self._socket.recv_multipart()
+            try:
+                self._route(frames)
+            except Exception:  # a malformed message must not stop the reader for everyone
+                log.exception("limbic: dropped a malformed score message")
+
+    def _route(self, frames: list[bytes]) -> None:
+        self.messages += 1
+        header = json.loads(frames[0])
+        keys = header["keys"]
+        self.worker_times = header["times"]
+        starts = np.frombuffer(frames[1], "<i4")
+        positions = np.frombuffer(frames[2], "<i4")
+        z = np.frombuffer(frames[3], "<f4").reshape(len(positions), self.width)
+        norms = np.frombuffer(frames[4], "<f4")
+        for i, key in enumerate(keys):
+            scores = self._open.get(key)
+            if scores is not None:
+                rows = slice(starts[i], starts[i + 1])
+                scores.write(positions[rows], z[rows], norms[rows])
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        self._socket.close(linger=0)
+        self._context.term()
