@@ -10,12 +10,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
-import os
-import platform
-import sys
 import time
 from pathlib import Path
+
+import record
 
 from monitors.engine import SamplingParams
 from service import runtime
@@ -29,7 +27,7 @@ PROMPTS = (
 
 
 async def measure(requests: int, tokens: int) -> dict:
-    engine = runtime.load_engine(Settings())
+    engine = runtime.load_engine(Settings(engine="transformers"))
     generated = 0
     started = time.perf_counter()
     for n in range(requests):
@@ -60,15 +58,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("bench/results/scoring_overhead.json"))
     args = parser.parse_args()
     figures = asyncio.run(measure(args.requests, args.tokens))
-    record = {
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
-        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "results": figures,
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(record, indent=2) + "\n")
-    print(json.dumps(record, indent=2))
+    record.write(args.out, {"results": figures})
 
 
 if __name__ == "__main__":

@@ -55,6 +55,7 @@ class Step:
 
 
 class Engine(Protocol):
+    kind: str  # "vllm" or "transformers", for /healthz and logs
     model_name: str
     identity: ModelIdentity
     vectors: EmotionVectors

@@ -29,6 +29,8 @@ from vectors.storage import EmotionVectors
 
 
 class TransformersEngine:
+    kind = "transformers"
+
     def __init__(self, loaded: hf_model.LoadedModel, vectors: EmotionVectors) -> None:
         self.loaded = loaded
         self.model_name = loaded.source.name

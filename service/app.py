@@ -30,22 +30,30 @@ class State:
     started: float
 
 
-def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
-    """The app; ``engine`` lets a caller reuse a loaded engine (otherwise the lifespan loads one)."""
+def create_app(settings: Settings, engine: Engine | None = None, close_engine: bool | None = None) -> FastAPI:
+    """The app; ``engine`` lets a caller reuse a loaded engine (otherwise the lifespan loads one).
+
+    The engine is closed at shutdown if the app loaded it or ``close_engine`` says so: vLLM's engine
+    processes must not outlive the server.
+    """
+    if close_engine is None:
+        close_engine = engine is None
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         active = engine or await asyncio.to_thread(runtime.load_engine, settings)
-        await active.start()
-        sink = await runtime.open_sink(settings)
-        monitor = runtime.build_monitor(settings, active, sink)
-        app.state.limbic = State(settings, active, monitor, [active.model_name], time.time())
         try:
-            yield
+            await active.start()
+            sink = await runtime.open_sink(settings)
+            monitor = runtime.build_monitor(settings, active, sink)
+            app.state.limbic = State(settings, active, monitor, [active.model_name], time.time())
+            try:
+                yield
+            finally:
+                await monitor.close()
+                await sink.close()
         finally:
-            await monitor.close()
-            await sink.close()
-            if engine is None:
+            if close_engine:
                 await active.close()
 
     app = FastAPI(title="limbic", version="0.1.0", lifespan=lifespan)
@@ -132,6 +140,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
         return {
             "status": "ok",
             "model": s.engine.model_name,
+            "engine": s.engine.kind,
             "fingerprint": s.engine.identity.fingerprint,
             "layer": s.engine.vectors.manifest.layer,
             "emotions": len(s.engine.vectors.emotions),

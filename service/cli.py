@@ -42,7 +42,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         f"(layer {engine.vectors.manifest.layer}, {len(engine.vectors.emotions)} emotions)",
         file=sys.stderr,
     )
-    uvicorn.run(create_app(settings, engine), host=settings.host, port=settings.port, log_level="info")
+    app = create_app(settings, engine, close_engine=True)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level="info")
     return 0
 
 

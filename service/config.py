@@ -28,6 +28,9 @@ class Settings(BaseSettings):
     vllm_kv_cache_gib: float = Field(default=1.0, gt=0, description="CPU: memory for vLLM's KV cache")
     vllm_max_model_len: int | None = Field(default=None, ge=16, description="None: the model's context length")
     vllm_max_num_seqs: int = Field(default=64, ge=1, description="requests vLLM batches at once")
+    vllm_max_num_batched_tokens: int | None = Field(
+        default=None, ge=16, description="tokens per forward pass; longer prompts are prefilled in chunks"
+    )
     vllm_tensor_parallel_size: int = Field(default=1, ge=1)
     # Steering for every request, e.g. LIMBIC_STEER='{"calm": 0.1}' (a mitigation); requests can add their own.
     steer: dict[str, float] = Field(default_factory=dict)

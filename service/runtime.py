@@ -105,6 +105,7 @@ def _vllm_engine(
         enforce_eager=settings.vllm_enforce_eager,
         tensor_parallel_size=settings.vllm_tensor_parallel_size,
         max_num_seqs=settings.vllm_max_num_seqs,
+        max_num_batched_tokens=settings.vllm_max_num_batched_tokens,
     )
     log.info("starting vLLM on %s (%s)", source.path, "eager" if options.enforce_eager else "compiled")
     try:

@@ -17,6 +17,10 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
+# Every vLLM server in the tests prefills at most 256 tokens per forward pass, so longer prompts are
+# chunked (tested in test_vllm); one setting for all of them also means one torch.compile, then cache hits.
+os.environ.setdefault("LIMBIC_VLLM_MAX_NUM_BATCHED_TOKENS", "256")
+
 
 def free_port() -> int:
     with socket.socket() as s:

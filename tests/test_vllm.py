@@ -1,0 +1,244 @@
+"""The vLLM engine behind the live server: exact per-request scores under continuous batching.
+
+The session server (conftest) serves with vLLM, compiled, in float32, with a 256-token budget per forward
+pass so that longer prompts are prefilled in chunks. Tolerances, stated once:
+
+- BATCH_TOLERANCE: a request's scores alone and in a batch of 16 come from the same kernels on different
+  batch shapes; in float32 they differ by float rounding only (measured: < 1e-3 in z units); the API rounds
+  scores to 4 decimals.
+- ENGINE_TOLERANCE: vLLM and transformers compute the same model with different kernels (fused RMSNorm,
+  paged attention, rotary tables); float32 rounding grows through 20 layers to ~1e-4 of the residual norm
+  (~230 at layer 20), i.e. a few hundredths of a z unit for emotions whose calibration std is small.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import os
+import time
+
+import httpx
+import numpy as np
+import pytest
+from openai import AsyncOpenAI
+
+pytestmark = pytest.mark.slow
+
+if importlib.util.find_spec("vllm") is None:
+    if os.environ.get("LIMBIC_SETUP_VLLM") == "0":
+        pytest.skip("vLLM deliberately not installed (LIMBIC_SETUP_VLLM=0)", allow_module_level=True)
+    raise RuntimeError("vLLM is not installed: run scripts/setup --test")
+
+MODEL = "SmolLM2-135M-Instruct"
+BATCH_TOLERANCE = 2e-3
+ENGINE_TOLERANCE = 0.1  # max |dz| over every token and emotion; the median is asserted far tighter below
+
+TOPICS = [
+    "the tides",
+    "a lost umbrella",
+    "sourdough bread",
+    "the night shift at a hospital",
+    "a chess endgame",
+    "migrating geese",
+    "a job interview that went badly",
+    "paying rent late again",
+    "a surprise birthday party",
+    "an overdue library book",
+    "a thunderstorm over the sea",
+    "learning to ride a bicycle",
+    "a missed flight",
+    "the first day of school",
+    "a broken laptop before a deadline",
+    "a quiet Sunday morning",
+]
+
+
+def aclient(limbic_url: str) -> AsyncOpenAI:
+    return AsyncOpenAI(base_url=f"{limbic_url}/v1", api_key="unused", max_retries=0, timeout=300)
+
+
+async def scored_chat(client: AsyncOpenAI, topic: str, **limbic) -> tuple[str, dict]:
+    response = await client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": f"Write two sentences about {topic}."}],
+        max_tokens=12,
+        temperature=0,
+        extra_body={"limbic": {"token_scores": True, **limbic}},
+    )
+    ext = response.model_extra["limbic"]
+    assert response.usage.completion_tokens == sum(t["phase"] == "generation" for t in ext["tokens"])
+    return response.choices[0].message.content, ext
+
+
+def matrix(ext: dict, phase: str) -> np.ndarray:
+    rows = [t["scores"] for t in ext["tokens"] if t["phase"] == phase and t["scores"] is not None]
+    return np.array([[row[e] for e in sorted(row)] for row in rows])
+
+
+def test_server_serves_with_vllm(limbic_url):
+    health = httpx.get(f"{limbic_url}/healthz").json()
+    assert health["engine"] == "vllm"
+
+
+def test_batch_invariance_16_concurrent_requests(limbic_url):
+    """Each request's scores in a batch of 16 equal its scores alone, token for token."""
+
+    async def run() -> tuple[list, list]:
+        client = aclient(limbic_url)
+        together = await asyncio.gather(*[scored_chat(client, t) for t in TOPICS])
+        alone = [await scored_chat(client, t) for t in TOPICS]
+        return together, alone
+
+    together, alone = asyncio.run(run())
+    for topic, (text_b, ext_b), (text_a, ext_a) in zip(TOPICS, together, alone, strict=True):
+        assert text_b == text_a, topic
+        for phase in ("prompt", "generation"):
+            batched, single = matrix(ext_b, phase), matrix(ext_a, phase)
+            assert batched.shape == single.shape and len(single) > 0, (topic, phase)
+            assert np.abs(batched - single).max() < BATCH_TOLERANCE, (topic, phase)
+    # No request saw another's rows: prompts differ, so their prompt scores must too.
+    firsts = {tuple(matrix(ext, "prompt")[-1].round(2)) for _, ext in together}
+    assert len(firsts) == len(TOPICS)
+
+
+def test_scores_agree_with_the_transformers_engine(limbic_url, client, default_model_path):
+    """Same model, same tokens: vLLM's scores match the transformers engine's (chunked prefill included)."""
+    from monitors.hf_engine import TransformersEngine
+    from service.config import Settings
+    from service.runtime import load_engine
+
+    text = " ".join(
+        [
+            "Please, I am begging you, I have nothing left and the rent is due tonight.",
+            "The garden was quiet; bees worked the lavender while the kettle ticked as it cooled.",
+            "He slammed the door so hard the window cracked, shouting that nobody ever listened.",
+        ]
+        * 5
+    )
+    hf = load_engine(Settings(engine="transformers"))
+    assert isinstance(hf, TransformersEngine)
+    ids = hf.encode(text)
+    assert len(ids) > 256  # more than one forward pass's budget: the prompt is prefilled in chunks
+    expected = asyncio.run(hf.score(ids))
+    asyncio.run(hf.close())
+
+    response = client.completions.create(
+        model=MODEL, prompt=ids, max_tokens=1, temperature=0, extra_body={"limbic": {"token_scores": True}}
+    )
+    tokens = [t for t in response.model_extra["limbic"]["tokens"] if t["phase"] == "prompt"]
+    assert [t["index"] for t in tokens] == list(range(len(ids)))
+    emotions = hf.vectors.emotions
+    keep = [i for i, t in enumerate(tokens) if t["scores"] is not None]
+    assert keep == [i for i in range(len(ids)) if expected.norms[i] < hf.vectors.manifest.calibration.sink_norm]
+    got = np.array([[tokens[i]["scores"][e] for e in emotions] for i in keep])
+    diff = np.abs(got - expected.z[keep])
+    assert np.median(diff) < 0.01
+    assert diff.max() < ENGINE_TOLERANCE
+
+
+def test_every_returned_token_is_scored_whatever_ends_generation(client):
+    """Length, stop string and EOS: completion_tokens equals the scored generated tokens, streamed or not."""
+    cases = [
+        ({"max_tokens": 7}, "length"),
+        ({"max_tokens": 64, "stop": ["."]}, "stop"),
+        ({"max_tokens": 200}, "stop"),  # a short answer ends at EOS, which is counted and scored
+    ]
+    for kwargs, finish in cases:
+        body = {"model": MODEL, "messages": [{"role": "user", "content": "Say hello in one short sentence."}]}
+        extra = {"extra_body": {"limbic": {"token_scores": True, "emotions": ["calm"]}}}
+        response = client.chat.completions.create(**body, **kwargs, temperature=0, **extra)
+        tokens = response.model_extra["limbic"]["tokens"]
+        assert response.choices[0].finish_reason == finish, kwargs
+        generated = [t["index"] for t in tokens if t["phase"] == "generation"]
+        assert generated == list(range(response.usage.completion_tokens)), kwargs
+
+        stream = client.chat.completions.create(
+            **body, **kwargs, temperature=0, stream=True, stream_options={"include_usage": True}, **extra
+        )
+        streamed, usage, text = [], None, []
+        for chunk in stream:
+            streamed += [t["index"] for t in (chunk.model_extra.get("limbic") or {}).get("tokens", [])]
+            text += [c.delta.content or "" for c in chunk.choices]
+            usage = chunk.usage or usage
+        assert "".join(text) == response.choices[0].message.content
+        assert usage.completion_tokens == response.usage.completion_tokens
+        assert len(streamed) == usage.prompt_tokens + usage.completion_tokens
+
+
+def test_repeated_prompt_is_scored_in_full(client):
+    """A prompt vLLM has cached is recomputed anyway (skip_reading_prefix_cache), so it keeps its scores."""
+
+    def prompt_scores():
+        response = client.completions.create(
+            model=MODEL,
+            prompt="The quarterly report is due on Friday and the numbers look fine.",
+            max_tokens=1,
+            extra_body={"limbic": {"token_scores": True, "emotions": ["calm", "desperate"]}},
+        )
+        return [t["scores"] for t in response.model_extra["limbic"]["tokens"] if t["phase"] == "prompt"]
+
+    first, second = prompt_scores(), prompt_scores()
+    assert len(first) == len(second) > 5
+    assert all(s is not None for s in second[1:])
+    np.testing.assert_allclose(
+        [[s["calm"], s["desperate"]] for s in second[1:]],
+        [[s["calm"], s["desperate"]] for s in first[1:]],
+        atol=BATCH_TOLERANCE,
+    )
+
+
+def test_steering_changes_only_the_steered_request(limbic_url):
+    """+desperate steers one request of a concurrent pair; the other is untouched, and prompts read the same."""
+
+    async def run() -> tuple:
+        client = aclient(limbic_url)
+        plain = await scored_chat(client, "a walk in the park")
+        steered, neighbour = await asyncio.gather(
+            scored_chat(client, "a walk in the park", steer={"desperate": 0.5}),
+            scored_chat(client, "a walk in the park"),
+        )
+        return plain, steered, neighbour
+
+    plain, steered, neighbour = asyncio.run(run())
+    assert steered[0] != plain[0]  # the steered text changed ...
+    assert neighbour[0] == plain[0]  # ... its batch neighbour's did not
+    assert steered[1]["steer"] == {"desperate": 0.5}
+    # Scores are read before the addition at the monitored layer: the prompt reads identically.
+    np.testing.assert_allclose(matrix(steered[1], "prompt"), matrix(plain[1], "prompt"), atol=BATCH_TOLERANCE)
+
+
+def test_steering_refuses_unknown_emotions_and_wild_strengths(client):
+    import openai
+
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
+    with pytest.raises(openai.BadRequestError) as unknown:
+        client.chat.completions.create(**body, extra_body={"limbic": {"steer": {"smug-ish": 0.1}}})
+    assert unknown.value.body["param"] == "limbic.steer"
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(**body, extra_body={"limbic": {"steer": {"calm": 50}}})
+
+
+def test_disconnect_aborts_the_vllm_request(client, limbic_url):
+    """After a client leaves, the worker stops computing for it (its forward-time counter goes flat)."""
+
+    def forward_seconds() -> float:
+        for line in httpx.get(f"{limbic_url}/metrics").text.splitlines():
+            if line.startswith("limbic_engine_forward_seconds_total{"):
+                return float(line.rsplit(" ", 1)[1])
+        raise AssertionError("no limbic_engine_forward_seconds_total")
+
+    stream = client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "Write a very long story."}],
+        max_tokens=3000,
+        stream=True,
+        extra_body={"ignore_eos": True},
+    )
+    next(iter(stream))
+    stream.close()
+    time.sleep(1.0)
+    idle_from = forward_seconds()
+    time.sleep(2.0)
+    # 3,000 tokens would keep the worker busy for a minute; aborted, it does nothing.
+    assert forward_seconds() - idle_from < 0.05
