@@ -20,6 +20,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import tempfile
 import uuid
 from collections.abc import AsyncIterator, Sequence
@@ -72,8 +73,8 @@ class VLLMEngine:
         self.tokenizer = AutoTokenizer.from_pretrained(source.path)
         self._eos = self._eos_token_ids(source)
 
-        socket_dir = tempfile.mkdtemp(prefix="limbic-")
-        self._receiver = ScoreReceiver(f"ipc://{socket_dir}/scores.sock", len(vectors.emotions))
+        self._socket_dir = tempfile.mkdtemp(prefix="limbic-")
+        self._receiver = ScoreReceiver(f"ipc://{self._socket_dir}/scores.sock", len(vectors.emotions))
         # Inherited by vLLM's spawned processes; an environment variable rather than engine config so the
         # per-run socket path stays out of the compile-cache key.
         os.environ[vllm_plugin.ADDRESS_ENV] = self._receiver.address
@@ -145,6 +146,7 @@ class VLLMEngine:
     async def close(self) -> None:
         self._llm.shutdown()
         await self._receiver.close()
+        shutil.rmtree(self._socket_dir, ignore_errors=True)
 
     # --- requests -----------------------------------------------------------------------------------
     def _vllm_params(self, params: SamplingParams, key: str, max_tokens: int) -> Any:
