@@ -37,7 +37,7 @@ class TransformersEngine:
         self.identity = loaded.identity
         self.vectors = vectors
         self.context_length = hf_model.context_length(loaded.model, loaded.tokenizer)
-        self._eos = hf_model.eos_token_ids(loaded.model, loaded.tokenizer)
+        self._eos = hf_model.eos_token_ids(loaded.model.generation_config, loaded.tokenizer)
         self._layer = decoder_layers(loaded.model)[vectors.manifest.layer]
         self._probe = ResidualProbe(self._layer, Readout(vectors, loaded.device))  # first: reads before steering
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="limbic-engine")

@@ -12,6 +12,7 @@ from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
+    GenerationConfig,
     PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
@@ -104,9 +105,10 @@ def context_length(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -
     return min(x for x in limits if isinstance(x, int)) if any(isinstance(x, int) for x in limits) else 2048
 
 
-def eos_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> set[int]:
+def eos_token_ids(generation_config: GenerationConfig | None, tokenizer: PreTrainedTokenizerBase) -> set[int]:
+    """The token ids that end a generation: the generation config's (one or a list) and the tokenizer's."""
     ids: set[int] = set()
-    for value in (getattr(model.generation_config, "eos_token_id", None), tokenizer.eos_token_id):
+    for value in (getattr(generation_config, "eos_token_id", None), tokenizer.eos_token_id):
         if isinstance(value, int):
             ids.add(value)
         elif isinstance(value, list):

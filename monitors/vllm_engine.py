@@ -71,7 +71,7 @@ class VLLMEngine:
         self.vectors = vectors
         self.options = options
         self.tokenizer = AutoTokenizer.from_pretrained(source.path)
-        self._eos = self._eos_token_ids(source)
+        self._eos = hf_model.eos_token_ids(self._generation_config(source), self.tokenizer)
 
         self._socket_dir = tempfile.mkdtemp(prefix="limbic-")
         self._receiver = ScoreReceiver(f"ipc://{self._socket_dir}/scores.sock", len(vectors.emotions))
@@ -105,14 +105,13 @@ class VLLMEngine:
         self.context_length = self._llm.model_config.max_model_len - 1
 
     @staticmethod
-    def _eos_token_ids(source: ModelSource) -> set[int]:
+    def _generation_config(source: ModelSource) -> Any:
         from transformers import GenerationConfig
 
-        ids: set[int] = set()
-        with contextlib.suppress(OSError):
-            value = GenerationConfig.from_pretrained(source.path).eos_token_id
-            ids.update([value] if isinstance(value, int) else value or [])
-        return ids
+        try:
+            return GenerationConfig.from_pretrained(source.path)
+        except OSError:  # a folder without generation_config.json: the tokenizer's EOS alone
+            return None
 
     # --- tokenisation -------------------------------------------------------------------------------
     def chat_prompt_ids(self, messages: list[dict[str, str]]) -> list[int]:
