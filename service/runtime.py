@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+from dataclasses import fields
 from pathlib import Path
 
 import torch
@@ -98,15 +99,13 @@ def _vllm_engine(
     from monitors.vllm_engine import VLLMEngine, VLLMOptions
 
     _check_vectors(vectors, hf_model.folder_identity(source), settings)
-    options = VLLMOptions(
-        dtype=settings.dtype,
-        max_model_len=settings.vllm_max_model_len,
-        kv_cache_gib=settings.vllm_kv_cache_gib,
-        enforce_eager=settings.vllm_enforce_eager,
-        tensor_parallel_size=settings.vllm_tensor_parallel_size,
-        max_num_seqs=settings.vllm_max_num_seqs,
-        max_num_batched_tokens=settings.vllm_max_num_batched_tokens,
-    )
+    # Each LIMBIC_VLLM_<NAME> setting is VLLMOptions.<name>.
+    named = {
+        name: getattr(settings, f"vllm_{name}")
+        for name in (f.name for f in fields(VLLMOptions))
+        if hasattr(settings, f"vllm_{name}")
+    }
+    options = VLLMOptions(dtype=settings.dtype, **named)
     log.info("starting vLLM on %s (%s)", source.path, "eager" if options.enforce_eager else "compiled")
     try:
         return VLLMEngine(source, folder, vectors, options)
