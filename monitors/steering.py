@@ -8,11 +8,17 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from typing import Annotated
 
 import torch
+from pydantic import Field
 from torch import nn
 
 from vectors.storage import EmotionVectors
+
+# Beyond about one typical residual norm the model's output degenerates; larger values are surely a mistake.
+MAX_STRENGTH = 2.0
+Strength = Annotated[float, Field(ge=-MAX_STRENGTH, le=MAX_STRENGTH)]  # for settings and request validation
 
 
 def steering_vector(vectors: EmotionVectors, strengths: Mapping[str, float], residual_norm: float) -> torch.Tensor:

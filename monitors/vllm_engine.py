@@ -10,7 +10,7 @@ more than the client did, with EOS and stop strings handled here (``monitors.tex
 the step that would sample the extra token scores the last returned one, after which the request is
 ended and the extra token dropped. So every returned token is scored, exactly as in the transformers
 engine; the price is one decode row per request. Prompt tokens are all scored: requests skip reading
-vLLM's prefix cache, and steered requests carry their own cache salt, so their KV never serves others.
+vLLM's prefix cache (steered ones also carry their own cache salt, so their KV could never serve others).
 """
 
 from __future__ import annotations
@@ -75,9 +75,10 @@ class VLLMEngine:
 
         self._socket_dir = tempfile.mkdtemp(prefix="limbic-")
         self._receiver = ScoreReceiver(f"ipc://{self._socket_dir}/scores.sock", len(vectors.emotions))
-        # Inherited by vLLM's spawned processes; an environment variable rather than engine config so the
-        # per-run socket path stays out of the compile-cache key.
+        # Inherited by vLLM's spawned processes; environment variables rather than engine config so paths
+        # stay out of the compile-cache key (the traced graph depends only on the layer and the plugin).
         os.environ[vllm_plugin.ADDRESS_ENV] = self._receiver.address
+        os.environ[vllm_plugin.VECTORS_ENV] = str(Path(vectors_folder).resolve())
         os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"  # the plugin reads the V1 runner's batch layout
         args = AsyncEngineArgs(
             model=str(source.path),
@@ -91,16 +92,16 @@ class VLLMEngine:
             seed=options.seed,
             **_platform_args(options),
             additional_config={
-                vllm_plugin.CONFIG_KEY: {
-                    "vectors": str(Path(vectors_folder).resolve()),
-                    "layer": vectors.manifest.layer,
-                    "fingerprint": vectors.manifest.model.fingerprint,  # a new vector set: a new compile key
-                    "plugin": vllm_plugin.PLUGIN_VERSION,
-                }
+                vllm_plugin.CONFIG_KEY: {"layer": vectors.manifest.layer, "plugin": vllm_plugin.PLUGIN_VERSION}
             },
             disable_log_stats=True,
         )
-        self._llm = AsyncLLM.from_engine_args(args)
+        try:
+            self._llm = AsyncLLM.from_engine_args(args)
+        except BaseException:
+            self._receiver.close_now()
+            shutil.rmtree(self._socket_dir, ignore_errors=True)
+            raise
         # One position stays free for the extra step that scores the last returned token (see above).
         self.context_length = self._llm.model_config.max_model_len - 1
 
@@ -168,6 +169,8 @@ class VLLMEngine:
 
     @staticmethod
     def _prompt(prompt_ids: list[int], params: SamplingParams) -> dict:
+        """The prompt, salted when steered: every request skips reading the prefix cache today, and the salt
+        keeps steered KV away from other requests should prompt scoring ever read cached blocks."""
         prompt: dict[str, Any] = {"prompt_token_ids": prompt_ids}
         if any(params.steer.values()):
             steering = json.dumps(sorted(params.steer.items())).encode()
@@ -187,8 +190,10 @@ class VLLMEngine:
         try:
             yield scores, outputs
         finally:
-            await outputs.aclose()  # vLLM aborts a request whose output stream is closed early
-            self._receiver.close_request(key)
+            try:
+                await outputs.aclose()  # vLLM aborts a request whose output stream is closed early
+            finally:
+                self._receiver.close_request(key)
 
     async def score(self, token_ids: list[int], timeout: float | None = None) -> ScoredRows:
         async with self._request(token_ids, SamplingParams(max_tokens=1, temperature=0), 1) as (scores, outputs):
@@ -214,7 +219,10 @@ class VLLMEngine:
                     if finish is not None:
                         break
                 # All but the newest token were fed in the step that sampled the newest; the newest waits for
-                # the next step, unless generation is over, in which case that step is the extra one.
+                # the next step, unless generation is over, in which case that step is the extra one: wait
+                # for its output, so an engine failure surfaces here rather than as a missing score.
+                if finish is not None and not output.finished:
+                    await anext(outputs, None)
                 releasable = len(pending) if finish is not None else len(pending) - 1
                 if releasable > 0:
                     done = generation.count - len(pending)

@@ -34,7 +34,9 @@ import torch
 log = logging.getLogger("limbic.vllm")
 
 CONFIG_KEY = "limbic"  # key in vLLM's additional_config; its presence switches the plugin on
-ADDRESS_ENV = "LIMBIC_VLLM_SCORES_ADDRESS"  # where workers push scores (kept out of the compile-cache hash)
+# Paths reach the workers through the environment, which stays out of vLLM's compile-cache key.
+ADDRESS_ENV = "LIMBIC_VLLM_SCORES_ADDRESS"  # where workers push scores
+VECTORS_ENV = "LIMBIC_VLLM_VECTORS"  # the vector set folder
 REQUEST_KEY = "limbic"  # key in a request's SamplingParams.extra_args: {"key": str, "steer": {emotion: s}}
 OP_NAME = "limbic::residual_tap"
 PLUGIN_VERSION = 1  # part of the compile-cache key: bump when the traced tap changes
@@ -134,7 +136,7 @@ class LayerMonitor:
         from vectors import storage
 
         self.runner = runner
-        self.vectors = storage.load(options["vectors"])
+        self.vectors = storage.load(os.environ[VECTORS_ENV])
         self.device = runner.device
         self.readout = Readout(self.vectors, self.device)
         self.typical_norm = self.vectors.manifest.calibration.typical_norm

@@ -60,7 +60,7 @@ class ScorePusher:
 
 
 class ScoreMissing(RuntimeError):
-    """Scores for a token did not arrive in time: the worker-side plugin is not running or fell over."""
+    """Scores for a token did not arrive in time: the worker-side plugin is not running, or vLLM stalled."""
 
 
 class RequestScores:
@@ -85,6 +85,7 @@ class RequestScores:
 
     async def rows(self, start: int, stop: int, timeout: float) -> ScoredRows:
         """Positions ``start .. stop``, waiting up to ``timeout`` seconds for them to arrive."""
+        assert stop <= len(self.filled), "rows beyond the capacity the request was opened with"
         deadline = time.monotonic() + timeout
         while not self.ready(start, stop):
             self._arrived.clear()
@@ -114,6 +115,12 @@ class ScoreReceiver:
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="limbic-score-receiver")
+        self._task.add_done_callback(self._stopped)
+
+    @staticmethod
+    def _stopped(task: asyncio.Task) -> None:
+        if not task.cancelled() and task.exception() is not None:  # every request will now time out: say why
+            log.error("limbic: the score reader stopped", exc_info=task.exception())
 
     def open(self, key: str, capacity: int) -> RequestScores:
         scores = self._open[key] = RequestScores(capacity, self.width)
@@ -150,5 +157,9 @@ class ScoreReceiver:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+        self.close_now()
+
+    def close_now(self) -> None:
+        """Closes the socket without the reader task (which is not running yet, or has been cancelled)."""
         self._socket.close(linger=0)
         self._context.term()

@@ -113,11 +113,12 @@ class Completion:
 
         async def monitored() -> None:
             try:
-                async for step in self.engine.generate(
-                    self.prompt_ids, self.request.sampling(self.max_tokens, self.steer)
-                ):
-                    await self.monitor.observe(step, self.prompt_ids)
-                    channel.put(step)
+                params = self.request.sampling(self.max_tokens, self.steer)
+                # aclosing: a cancelled task ends (and vLLM aborts) the engine's request now, not at GC.
+                async with contextlib.aclosing(self.engine.generate(self.prompt_ids, params)) as steps:
+                    async for step in steps:
+                        await self.monitor.observe(step, self.prompt_ids)
+                        channel.put(step)
             except Exception as exc:
                 channel.fail(exc)
             finally:

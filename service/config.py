@@ -9,6 +9,7 @@ from pydantic import AliasChoices, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from monitors.alerts import AlertRule
+from monitors.steering import Strength
 
 
 class Settings(BaseSettings):
@@ -33,7 +34,7 @@ class Settings(BaseSettings):
     )
     vllm_tensor_parallel_size: int = Field(default=1, ge=1)
     # Steering for every request, e.g. LIMBIC_STEER='{"calm": 0.1}' (a mitigation); requests can add their own.
-    steer: dict[str, float] = Field(default_factory=dict)
+    steer: dict[str, Strength] = Field(default_factory=dict)
 
     redis_url: str | None = Field(default=None, validation_alias=AliasChoices("LIMBIC_REDIS_URL", "REDIS_URL"))
     redis_stream: str = "limbic:alerts"

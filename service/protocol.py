@@ -12,9 +12,7 @@ from typing import Annotated, Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from monitors.engine import SamplingParams
-
-# Beyond about one typical residual norm the model's output degenerates; larger values are surely a mistake.
-MAX_STEER = 2.0
+from monitors.steering import Strength
 
 
 class LimbicOptions(BaseModel):
@@ -23,7 +21,7 @@ class LimbicOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
     token_scores: bool = Field(default=False, description="return every token's scores")
     emotions: list[str] | None = Field(default=None, description="limit per-token scores to these emotions")
-    steer: dict[str, Annotated[float, Field(ge=-MAX_STEER, le=MAX_STEER)]] = Field(
+    steer: dict[str, Strength] = Field(
         default_factory=dict,
         description="emotion -> strength (fraction of the typical residual norm) added at the monitored layer; "
         "merged over the server's LIMBIC_STEER",

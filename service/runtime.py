@@ -98,7 +98,11 @@ def _vllm_engine(
 ) -> Engine:
     from monitors.vllm_engine import VLLMEngine, VLLMOptions
 
-    _check_vectors(vectors, hf_model.folder_identity(source), settings)
+    try:
+        identity = hf_model.folder_identity(source)
+    except (OSError, StopIteration, ValueError) as exc:
+        raise StartupError(f"cannot identify the model in {source.path} for vLLM: {exc!r}") from exc
+    _check_vectors(vectors, identity, settings)
     # Each LIMBIC_VLLM_<NAME> setting is VLLMOptions.<name>.
     named = {
         name: getattr(settings, f"vllm_{name}")
