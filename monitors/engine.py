@@ -75,6 +75,10 @@ class Engine(Protocol):
 
     def forward_seconds(self) -> float: ...
 
+    def recomputed_tokens(self) -> int:
+        """Positions scored a second time because the engine recomputed them (vLLM preemption)."""
+        return 0
+
     async def start(self) -> None:
         """Called once inside the serving event loop, before the first request."""
 

@@ -59,6 +59,9 @@ class TransformersEngine:
     def forward_seconds(self) -> float:
         return self._forward_seconds
 
+    def recomputed_tokens(self) -> int:
+        return 0  # one sequence, never preempted
+
     def _forward(self, module: nn.Module, ids: list[list[int]], **kwargs: Any) -> Any:
         """One timed forward pass (the scoring hook runs inside it)."""
         started = time.perf_counter()

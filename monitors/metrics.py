@@ -86,15 +86,15 @@ class ScoreHistograms(Collector):
         yield recent
 
 
-class _EngineSeconds(Collector):
-    """A seconds counter kept by the engine on its worker thread, read at scrape time."""
+class _EngineCounter(Collector):
+    """A counter the engine keeps (on its worker thread, or from its workers' reports), read at scrape time."""
 
-    def __init__(self, name: str, documentation: str, model: str, seconds: Callable[[], float]) -> None:
-        self._name, self._documentation, self._model, self._seconds = name, documentation, model, seconds
+    def __init__(self, name: str, documentation: str, model: str, value: Callable[[], float]) -> None:
+        self._name, self._documentation, self._model, self._value = name, documentation, model, value
 
     def collect(self) -> Iterator[Metric]:
         family = CounterMetricFamily(self._name, self._documentation, labels=["model"])
-        family.add_metric([self._model], self._seconds())
+        family.add_metric([self._model], self._value())
         yield family
 
 
@@ -105,18 +105,21 @@ class Metrics:
         model: str,
         scoring_seconds: Callable[[], float],
         forward_seconds: Callable[[], float],
+        recomputed_tokens: Callable[[], float] = lambda: 0.0,
     ) -> None:
         self.registry = CollectorRegistry()
         self.model = model
         self.scores = ScoreHistograms(emotions)
         self.registry.register(self.scores)
-        engine_seconds = (
+        engine_counters = (
             ("limbic_scoring_seconds", "Time spent projecting activations onto emotion vectors.", scoring_seconds),
             # Scoring runs inside the forward pass: scoring / forward seconds is the monitor's share of model time.
             ("limbic_engine_forward_seconds", "Time spent in model forward passes.", forward_seconds),
+            # vLLM recomputes a preempted request from scratch: a rising rate means the KV cache is too small.
+            ("limbic_recomputed_tokens", "Token positions scored again after vLLM recomputed them.", recomputed_tokens),
         )
-        for name, documentation, seconds in engine_seconds:
-            self.registry.register(_EngineSeconds(name, documentation, model, seconds))
+        for name, documentation, value in engine_counters:
+            self.registry.register(_EngineCounter(name, documentation, model, value))
         self.tokens = Counter(
             "limbic_tokens_monitored", "Tokens scored by the monitor.", ["phase", "model"], registry=self.registry
         )

@@ -130,6 +130,9 @@ class VLLMEngine:
     def forward_seconds(self) -> float:
         return self._receiver.worker_times.get("forward", 0.0)
 
+    def recomputed_tokens(self) -> int:
+        return self._receiver.recomputed
+
     # --- lifecycle ----------------------------------------------------------------------------------
     async def start(self) -> None:
         """Starts the score reader in this event loop and checks the plugin reports from the worker."""

@@ -72,13 +72,16 @@ class RequestScores:
         self.filled = np.zeros(capacity, bool)
         self._arrived = asyncio.Event()
 
-    def write(self, positions: np.ndarray, z: np.ndarray, norms: np.ndarray) -> None:
+    def write(self, positions: np.ndarray, z: np.ndarray, norms: np.ndarray) -> int:
+        """Stores rows by position; returns how many positions already had scores (recomputed by vLLM)."""
         keep = positions < len(self.filled)  # the one step vLLM may run past the last position we asked for
         positions = positions[keep]
+        again = int(self.filled[positions].sum())
         self.z[positions] = z[keep]
         self.norms[positions] = norms[keep]
         self.filled[positions] = True
         self._arrived.set()
+        return again
 
     def ready(self, start: int, stop: int) -> bool:
         return bool(self.filled[start:stop].all())
@@ -112,6 +115,7 @@ class ScoreReceiver:
         self._task: asyncio.Task | None = None
         self.messages = 0
         self.worker_times: dict[str, float] = {}  # cumulative seconds the worker reports: forward, scoring
+        self.recomputed = 0  # positions that arrived a second time (preempted requests are recomputed)
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="limbic-score-receiver")
@@ -150,7 +154,7 @@ class ScoreReceiver:
             scores = self._open.get(key)
             if scores is not None:
                 rows = slice(starts[i], starts[i + 1])
-                scores.write(positions[rows], z[rows], norms[rows])
+                self.recomputed += scores.write(positions[rows], z[rows], norms[rows])
 
     async def close(self) -> None:
         if self._task is not None:

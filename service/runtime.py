@@ -150,7 +150,13 @@ def default_rules(vectors: storage.EmotionVectors) -> dict[str, AlertRule]:
 
 def build_monitor(settings: Settings, engine: Engine, sink: AlertSink) -> Monitor:
     vectors = engine.vectors
-    metrics = Metrics(list(vectors.emotions), engine.model_name, engine.scoring_seconds, engine.forward_seconds)
+    metrics = Metrics(
+        list(vectors.emotions),
+        engine.model_name,
+        engine.scoring_seconds,
+        engine.forward_seconds,
+        engine.recomputed_tokens,
+    )
     alertmanager = None
     if settings.alertmanager_url:
         alertmanager = AlertmanagerPush(

@@ -6,6 +6,8 @@ pass so that longer prompts are prefilled in chunks. Tolerances, stated once:
 - BATCH_TOLERANCE: a request's scores alone and in a batch of 16 come from the same kernels on different
   batch shapes; in float32 they differ by float rounding only (measured: < 1e-3 in z units); the API rounds
   scores to 4 decimals.
+- PREEMPTION_TOLERANCE: a preempted request is recomputed by a prefill pass, whose kernels differ from the
+  decode steps that first scored its generated tokens; still float32 rounding, a little more of it.
 - ENGINE_TOLERANCE: vLLM and transformers compute the same model with different kernels (fused RMSNorm,
   paged attention, rotary tables); float32 rounding grows through 20 layers to ~1e-4 of the residual norm
   (~230 at layer 20), i.e. a few hundredths of a z unit for emotions whose calibration std is small.
@@ -21,6 +23,7 @@ import time
 import httpx
 import numpy as np
 import pytest
+from conftest import running_limbic
 from openai import AsyncOpenAI
 
 pytestmark = pytest.mark.slow
@@ -32,6 +35,8 @@ if importlib.util.find_spec("vllm") is None:
 
 MODEL = "SmolLM2-135M-Instruct"
 BATCH_TOLERANCE = 2e-3
+# A recomputed position comes from a prefill pass rather than the decode step that first scored it.
+PREEMPTION_TOLERANCE = 5e-3
 ENGINE_TOLERANCE = 0.1  # max |dz| over every token and emotion; the median is asserted far tighter below
 
 TOPICS = [
@@ -58,13 +63,15 @@ def aclient(limbic_url: str) -> AsyncOpenAI:
     return AsyncOpenAI(base_url=f"{limbic_url}/v1", api_key="unused", max_retries=0, timeout=300)
 
 
-async def scored_chat(client: AsyncOpenAI, topic: str, **limbic) -> tuple[str, dict]:
+async def scored_chat(
+    client: AsyncOpenAI, topic: str, max_tokens: int = 12, ignore_eos: bool = False, **limbic
+) -> tuple[str, dict]:
     response = await client.chat.completions.create(
         model=MODEL,
         messages=[{"role": "user", "content": f"Write two sentences about {topic}."}],
-        max_tokens=12,
+        max_tokens=max_tokens,
         temperature=0,
-        extra_body={"limbic": {"token_scores": True, **limbic}},
+        extra_body={"ignore_eos": ignore_eos, "limbic": {"token_scores": True, **limbic}},
     )
     ext = response.model_extra["limbic"]
     assert response.usage.completion_tokens == sum(t["phase"] == "generation" for t in ext["tokens"])
@@ -242,3 +249,33 @@ def test_disconnect_aborts_the_vllm_request(client, limbic_url):
     time.sleep(2.0)
     # 3,000 tokens would keep the worker busy for a minute; aborted, it does nothing.
     assert forward_seconds() - idle_from < 0.05
+
+
+def test_preempted_requests_are_recomputed_and_keep_their_scores():
+    """A KV cache for about two requests and six at once: vLLM preempts and recomputes, scores stay exact."""
+    tight = {"LIMBIC_VLLM_KV_CACHE_GIB": "0.02", "LIMBIC_VLLM_MAX_MODEL_LEN": "256"}  # 3 blocks of 128 tokens
+
+    def recomputed(url: str) -> float:
+        for line in httpx.get(f"{url}/metrics").text.splitlines():
+            if line.startswith("limbic_recomputed_tokens_total{"):
+                return float(line.rsplit(" ", 1)[1])
+        raise AssertionError("no limbic_recomputed_tokens_total")
+
+    async def run(url: str) -> tuple[list, list, float]:
+        client = aclient(url)
+
+        def long_chat(topic: str):  # 100 tokens each, whatever the model would say: ~135 tokens of KV
+            return scored_chat(client, topic, max_tokens=100, ignore_eos=True, emotions=["desperate", "calm"])
+
+        alone = [await long_chat(t) for t in TOPICS[:6]]
+        before = recomputed(url)
+        together = await asyncio.gather(*[long_chat(t) for t in TOPICS[:6]])
+        return alone, together, recomputed(url) - before
+
+    with running_limbic(tight) as url:
+        alone, together, again = asyncio.run(run(url))
+    assert again > 0  # vLLM did preempt: positions arrived a second time
+    for topic, (text_a, ext_a), (text_b, ext_b) in zip(TOPICS, alone, together, strict=False):
+        assert text_b == text_a, topic
+        for phase in ("prompt", "generation"):
+            np.testing.assert_allclose(matrix(ext_b, phase), matrix(ext_a, phase), atol=PREEMPTION_TOLERANCE)
