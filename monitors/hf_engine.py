@@ -23,7 +23,7 @@ from monitors.channel import Channel
 from monitors.engine import SamplingParams, Step
 from monitors.layers import decoder_layers
 from monitors.probe import Readout, ResidualProbe, ScoredRows
-from monitors.steering import steer, steering_vector
+from monitors.steering import request_steering, steer
 from monitors.text_stream import Generation
 from vectors.storage import EmotionVectors
 
@@ -119,48 +119,31 @@ class TransformersEngine:
         generation = Generation(self.decode, params, self._eos)
         counts: Counter[int] = Counter()
         self._probe.drain()
-        with self._steering(params):
-            self._generate_loop(prompt_ids, params, emit, cancelled, generator, generation, counts)
-
-    def _steering(self, params: SamplingParams) -> contextlib.AbstractContextManager:
-        if not any(params.steer.values()):
-            return contextlib.nullcontext()
-        typical_norm = self.vectors.manifest.calibration.typical_norm
-        return steer(self._layer, steering_vector(self.vectors, params.steer, typical_norm))
-
-    def _generate_loop(
-        self,
-        prompt_ids: list[int],
-        params: SamplingParams,
-        emit: Callable[[object], None],
-        cancelled: threading.Event,
-        generator: torch.Generator,
-        generation: Generation,
-        counts: Counter[int],
-    ) -> None:
+        addition = request_steering(self.vectors, params.steer)
         model = self.loaded.model
-        out = self._forward(model, [prompt_ids], use_cache=True)
-        emit(Step(scores=self._probe.drain(), phase="prompt"))
-        while True:
-            token = self._sample(out.logits[0, -1], params, counts, generator)
-            counts[token] += 1
-            delta, finish = generation.push(token)
-            if finish is None and cancelled.is_set():
-                finish = "abort"
-            # Feed the token back: this both scores it and yields the logits for the next one.
-            out = self._forward(model, [[token]], past_key_values=out.past_key_values, use_cache=True)
-            scores = self._probe.drain()
-            emit(
-                Step(
-                    text=delta,
-                    token_ids=[token],
-                    scores=scores,
-                    score_start=generation.count - 1,
-                    finish_reason=finish,
+        with contextlib.nullcontext() if addition is None else steer(self._layer, addition):
+            out = self._forward(model, [prompt_ids], use_cache=True)
+            emit(Step(scores=self._probe.drain(), phase="prompt"))
+            while True:
+                token = self._sample(out.logits[0, -1], params, counts, generator)
+                counts[token] += 1
+                delta, finish = generation.push(token)
+                if finish is None and cancelled.is_set():
+                    finish = "abort"
+                # Feed the token back: this both scores it and yields the logits for the next one.
+                out = self._forward(model, [[token]], past_key_values=out.past_key_values, use_cache=True)
+                scores = self._probe.drain()
+                emit(
+                    Step(
+                        text=delta,
+                        token_ids=[token],
+                        scores=scores,
+                        score_start=generation.count - 1,
+                        finish_reason=finish,
+                    )
                 )
-            )
-            if finish is not None:
-                return
+                if finish is not None:
+                    return
 
     @staticmethod
     def _sample(logits: torch.Tensor, params: SamplingParams, counts: Counter[int], generator: torch.Generator) -> int:

@@ -30,6 +30,11 @@ class Readout:
     def __call__(self, rows: torch.Tensor) -> torch.Tensor:
         return torch.addmm(self.bias, rows.float(), self.weight_t)
 
+    def score(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """z-scores and residual norms (the norms tell attention-sink tokens apart) of [tokens, hidden] rows."""
+        rows = rows.float()
+        return torch.addmm(self.bias, rows, self.weight_t), torch.linalg.vector_norm(rows, dim=-1)
+
 
 @dataclass
 class ScoredRows:
@@ -55,10 +60,7 @@ class ResidualProbe:
     def _on_forward(self, module: nn.Module, inputs: tuple, output: object) -> None:
         started = time.perf_counter()
         hidden = residual_from_output(output)
-        rows = hidden.reshape(-1, hidden.shape[-1])
-        z = self.readout(rows)
-        norms = torch.linalg.vector_norm(rows.float(), dim=-1)
-        self._pending.append((z, norms))
+        self._pending.append(self.readout.score(hidden.reshape(-1, hidden.shape[-1])))
         self.scoring_seconds += time.perf_counter() - started
 
     def drain(self) -> ScoredRows:

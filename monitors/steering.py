@@ -32,6 +32,13 @@ def steering_vector(vectors: EmotionVectors, strengths: Mapping[str, float], res
     return total
 
 
+def request_steering(vectors: EmotionVectors, strengths: Mapping[str, float]) -> torch.Tensor | None:
+    """A request's steering vector, in units of the typical residual norm at the set's layer; None if unsteered."""
+    if not any(strengths.values()):
+        return None
+    return steering_vector(vectors, strengths, vectors.manifest.calibration.typical_norm)
+
+
 @contextmanager
 def steer(layer: nn.Module, addition: torch.Tensor) -> Iterator[None]:
     """While open, every forward pass through ``layer`` leaves ``addition`` added to its output."""

@@ -34,7 +34,7 @@ from monitors.model_source import ModelSource
 from monitors.probe import ScoredRows
 from monitors.text_stream import Generation
 from monitors.vllm_scores import RequestScores, ScoreMissing, ScoreReceiver
-from vectors.storage import EmotionVectors
+from vectors.storage import EmotionVectors, ModelIdentity
 
 log = logging.getLogger(__name__)
 
@@ -60,14 +60,21 @@ class VLLMEngine:
     kind = "vllm"
 
     def __init__(
-        self, source: ModelSource, vectors_folder: Path, vectors: EmotionVectors, options: VLLMOptions
+        self,
+        source: ModelSource,
+        identity: ModelIdentity,
+        vectors_folder: Path,
+        vectors: EmotionVectors,
+        options: VLLMOptions,
     ) -> None:
+        """``identity``: the model's, as ``hf_model.folder_identity`` read it (the caller checked the vectors
+        against it before paying for vLLM's start)."""
         from transformers import AutoTokenizer
         from vllm import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
         self.model_name = source.name
-        self.identity = hf_model.folder_identity(source)
+        self.identity = identity
         self.vectors = vectors
         self.options = options
         self.tokenizer = AutoTokenizer.from_pretrained(source.path)

@@ -139,7 +139,6 @@ class LayerMonitor:
         self.vectors = storage.load(os.environ[VECTORS_ENV])
         self.device = runner.device
         self.readout = Readout(self.vectors, self.device)
-        self.typical_norm = self.vectors.manifest.calibration.typical_norm
         self._requests: dict[str, tuple[str, torch.Tensor | None]] = {}  # vLLM id -> (limbic key, steering)
         self._pusher = ScorePusher(os.environ[ADDRESS_ENV]) if _is_reporting_rank() else None
         self.times = {"forward": 0.0, "scoring": 0.0}  # cumulative seconds, reported with every message
@@ -164,8 +163,7 @@ class LayerMonitor:
         rows = int(layout.starts[-1])
         stream = hidden[:rows] if residual is None else hidden[:rows] + residual[:rows]
         if self._pusher is not None:
-            z = self.readout(stream)
-            norms = torch.linalg.vector_norm(stream.float(), dim=-1)
+            z, norms = self.readout.score(stream)
             keys = [self._request(req_id)[0] for req_id in layout.req_ids]
             z, norms = z.cpu().numpy(), norms.cpu().numpy()
             self.times["scoring"] += time.perf_counter() - started
@@ -188,12 +186,10 @@ class LayerMonitor:
         return known
 
     def _steering(self, strengths: dict[str, float]) -> torch.Tensor | None:
-        from monitors.steering import steering_vector
+        from monitors.steering import request_steering
 
-        if not any(strengths.values()):
-            return None
-        vector = steering_vector(self.vectors, strengths, self.typical_norm)
-        return vector.to(self.device, self.runner.model_config.dtype)
+        vector = request_steering(self.vectors, strengths)
+        return None if vector is None else vector.to(self.device, self.runner.model_config.dtype)
 
     def _forget(self, active: set[str]) -> None:
         """Drops finished requests' cached entries (vLLM does not tell the layer when a request ends)."""

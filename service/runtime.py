@@ -112,7 +112,7 @@ def _vllm_engine(
     options = VLLMOptions(dtype=settings.dtype, **named)
     log.info("starting vLLM on %s (%s)", source.path, "eager" if options.enforce_eager else "compiled")
     try:
-        return VLLMEngine(source, folder, vectors, options)
+        return VLLMEngine(source, identity, folder, vectors, options)
     except (RuntimeError, ValueError) as exc:
         raise StartupError(
             f"vLLM did not start: {exc} (see vLLM's log above; --engine transformers avoids it)"

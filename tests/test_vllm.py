@@ -83,6 +83,14 @@ def matrix(ext: dict, phase: str) -> np.ndarray:
     return np.array([[row[e] for e in sorted(row)] for row in rows])
 
 
+def engine_counter(url: str, name: str) -> float:
+    """One of the engine's counters (one series, labelled by model) from the server's /metrics."""
+    for line in httpx.get(f"{url}/metrics").text.splitlines():
+        if line.startswith(name + "{"):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"no {name}")
+
+
 def test_server_serves_with_vllm(limbic_url):
     health = httpx.get(f"{limbic_url}/healthz").json()
     assert health["engine"] == "vllm"
@@ -230,10 +238,7 @@ def test_disconnect_aborts_the_vllm_request(client, limbic_url):
     """After a client leaves, the worker stops computing for it (its forward-time counter goes flat)."""
 
     def forward_seconds() -> float:
-        for line in httpx.get(f"{limbic_url}/metrics").text.splitlines():
-            if line.startswith("limbic_engine_forward_seconds_total{"):
-                return float(line.rsplit(" ", 1)[1])
-        raise AssertionError("no limbic_engine_forward_seconds_total")
+        return engine_counter(limbic_url, "limbic_engine_forward_seconds_total")
 
     stream = client.chat.completions.create(
         model=MODEL,
@@ -256,10 +261,7 @@ def test_preempted_requests_are_recomputed_and_keep_their_scores():
     tight = {"LIMBIC_VLLM_KV_CACHE_GIB": "0.02", "LIMBIC_VLLM_MAX_MODEL_LEN": "256"}  # 3 blocks of 128 tokens
 
     def recomputed(url: str) -> float:
-        for line in httpx.get(f"{url}/metrics").text.splitlines():
-            if line.startswith("limbic_recomputed_tokens_total{"):
-                return float(line.rsplit(" ", 1)[1])
-        raise AssertionError("no limbic_recomputed_tokens_total")
+        return engine_counter(url, "limbic_recomputed_tokens_total")
 
     async def run(url: str) -> tuple[list, list, float]:
         client = aclient(url)
