@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 from monitors.probe import ScoredRows
 from vectors.storage import EmotionVectors, ModelIdentity
@@ -16,6 +16,26 @@ from vectors.storage import EmotionVectors, ModelIdentity
 Phase = Literal["prompt", "generation"]
 PHASES: tuple[Phase, ...] = ("prompt", "generation")
 FinishReason = Literal["stop", "length", "abort"]
+
+
+@dataclass(frozen=True)
+class JsonConstraint:
+    """Constrained decoding: the output must be JSON matching ``schema`` (None: any JSON object).
+
+    Both engines compile it with xgrammar (vLLM through its structured-output backend), so a tool call
+    forced by ``tool_choice`` or a ``response_format`` schema is valid by construction, even on a 135M model.
+    """
+
+    schema: Mapping[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """The sampled token's log-probability and, if asked for, the most likely alternatives (raw logits)."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
 
 
 class EngineStartupError(RuntimeError):
@@ -32,6 +52,15 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     ignore_eos: bool = False  # vLLM's extension: run to max_tokens (benchmarks, tests)
+    # vLLM's sampling extensions, the same meaning in both engines (0 / 1.0 / empty: off).
+    top_k: int = 0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    min_tokens: int = 0  # EOS and stop_token_ids are suppressed until this many tokens exist
+    stop_token_ids: tuple[int, ...] = ()  # end like EOS (scored and counted, no text), even with ignore_eos
+    logit_bias: Mapping[int, float] = field(default_factory=dict)
+    logprobs: int | None = None  # None: none; k >= 0: the sampled token's and the k most likely
+    constraint: JsonConstraint | None = None
     # Steering at the monitored layer: emotion -> strength as a fraction of the typical residual norm there.
     # Scores are read before the addition, so they show how the model's own state responds to it.
     steer: Mapping[str, float] = field(default_factory=dict)
@@ -52,6 +81,7 @@ class Step:
     phase: Phase = "generation"
     score_start: int = 0
     finish_reason: FinishReason | None = None
+    logprobs: Sequence[TokenLogprob] | None = None  # one per token in ``token_ids`` when asked for
 
 
 class Engine(Protocol):
@@ -60,6 +90,7 @@ class Engine(Protocol):
     identity: ModelIdentity
     vectors: EmotionVectors
     context_length: int
+    tokenizer: Any  # the model's Hugging Face tokenizer: chat templates, token texts, vocabulary size
 
     def chat_prompt_ids(self, messages: list[dict[str, str]]) -> list[int]: ...
 

@@ -11,7 +11,7 @@ import contextlib
 import threading
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -20,7 +20,8 @@ from torch import nn
 
 from monitors import hf_model
 from monitors.channel import Channel
-from monitors.engine import SamplingParams, Step
+from monitors.constrained import GrammarCompiler, Matcher
+from monitors.engine import SamplingParams, Step, TokenLogprob
 from monitors.layers import decoder_layers
 from monitors.probe import Readout, ResidualProbe, ScoredRows
 from monitors.steering import request_steering, steer
@@ -37,10 +38,12 @@ class TransformersEngine:
         self.identity = loaded.identity
         self.vectors = vectors
         self.context_length = hf_model.context_length(loaded.model, loaded.tokenizer)
+        self.tokenizer = loaded.tokenizer
         self._eos = hf_model.eos_token_ids(loaded.model.generation_config, loaded.tokenizer)
         self._layer = decoder_layers(loaded.model)[vectors.manifest.layer]
         self._probe = ResidualProbe(self._layer, Readout(vectors, loaded.device))  # first: reads before steering
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="limbic-engine")
+        self._grammars: GrammarCompiler | None = None  # built on the first constrained request
         self._forward_seconds = 0.0  # cumulative, on the worker thread; read by metrics
 
     # --- tokenisation -------------------------------------------------------------------------------
@@ -117,7 +120,7 @@ class TransformersEngine:
         generator = torch.Generator(device=self.loaded.device)
         generator.manual_seed(params.seed if params.seed is not None else torch.seed())
         generation = Generation(self.decode, params, self._eos)
-        counts: Counter[int] = Counter()
+        sampler = _Sampler(params, prompt_ids, self._eos, generator, self._matcher(params))
         self._probe.drain()
         addition = request_steering(self.vectors, params.steer)
         model = self.loaded.model
@@ -125,8 +128,7 @@ class TransformersEngine:
             out = self._forward(model, [prompt_ids], use_cache=True)
             emit(Step(scores=self._probe.drain(), phase="prompt"))
             while True:
-                token = self._sample(out.logits[0, -1], params, counts, generator)
-                counts[token] += 1
+                token, logprob = sampler.sample(out.logits[0, -1])
                 delta, finish = generation.push(token)
                 if finish is None and cancelled.is_set():
                     finish = "abort"
@@ -140,27 +142,18 @@ class TransformersEngine:
                         scores=scores,
                         score_start=generation.count - 1,
                         finish_reason=finish,
+                        logprobs=None if logprob is None else [logprob],
                     )
                 )
                 if finish is not None:
                     return
 
-    @staticmethod
-    def _sample(logits: torch.Tensor, params: SamplingParams, counts: Counter[int], generator: torch.Generator) -> int:
-        logits = logits.float()
-        if counts and (params.presence_penalty or params.frequency_penalty):
-            ids = torch.tensor(list(counts), device=logits.device)
-            freq = torch.tensor(list(counts.values()), dtype=logits.dtype, device=logits.device)
-            logits[ids] -= params.presence_penalty + params.frequency_penalty * freq
-        if params.temperature == 0:
-            return int(logits.argmax())
-        probs = torch.softmax(logits / params.temperature, dim=-1)
-        if params.top_p < 1.0:
-            sorted_probs, order = probs.sort(descending=True)
-            outside = sorted_probs.cumsum(0) - sorted_probs > params.top_p  # keep the smallest nucleus
-            sorted_probs[outside] = 0.0
-            probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
-        return int(torch.multinomial(probs, 1, generator=generator))
+    def _matcher(self, params: SamplingParams) -> Matcher | None:
+        if params.constraint is None:
+            return None
+        if self._grammars is None:
+            self._grammars = GrammarCompiler(self.loaded.tokenizer, self.loaded.model.config.vocab_size)
+        return self._grammars.matcher(params.constraint)
 
     async def start(self) -> None:
         pass
@@ -168,3 +161,80 @@ class TransformersEngine:
     async def close(self) -> None:
         self._probe.remove()
         self._worker.shutdown(wait=True)
+
+
+class _Sampler:
+    """One request's sampling, in vLLM's order: logit bias, min_tokens, grammar, penalties, temperature,
+    then min_p, top_k and top_p. Log-probabilities are of the raw logits (vLLM's default ``raw_logprobs``)."""
+
+    def __init__(
+        self,
+        params: SamplingParams,
+        prompt_ids: list[int],
+        eos: Collection[int],
+        generator: torch.Generator,
+        matcher: Matcher | None,
+    ) -> None:
+        self.params = params
+        self.seen = set(prompt_ids)  # the repetition penalty covers prompt and output, as vLLM's
+        self.counts: Counter[int] = Counter()
+        self.stopping = sorted(set(eos) | set(params.stop_token_ids))
+        self.generator = generator
+        self.matcher = matcher
+
+    def sample(self, raw: torch.Tensor) -> tuple[int, TokenLogprob | None]:
+        p = self.params
+        logits = raw.float().clone()
+        if p.logit_bias:
+            bias = torch.tensor(list(p.logit_bias.values()), dtype=logits.dtype, device=logits.device)
+            logits[torch.tensor(list(p.logit_bias), device=logits.device)] += bias
+        if self.counts.total() < p.min_tokens:
+            logits[self.stopping] = -float("inf")
+        if self.matcher is not None:
+            self.matcher.mask(logits)
+        self._penalise(logits)
+        if p.temperature == 0:
+            token = int(logits.argmax())
+        else:
+            token = int(torch.multinomial(self._distribution(logits / p.temperature), 1, generator=self.generator))
+        if self.matcher is not None:
+            self.matcher.accept(token)
+        self.counts[token] += 1
+        self.seen.add(token)
+        return token, self._logprob(raw, token)
+
+    def _penalise(self, logits: torch.Tensor) -> None:
+        p = self.params
+        if p.repetition_penalty != 1.0:
+            ids = torch.tensor(sorted(self.seen), device=logits.device)
+            picked = logits[ids]
+            logits[ids] = torch.where(picked > 0, picked / p.repetition_penalty, picked * p.repetition_penalty)
+        if self.counts and (p.presence_penalty or p.frequency_penalty):
+            ids = torch.tensor(list(self.counts), device=logits.device)
+            freq = torch.tensor(list(self.counts.values()), dtype=logits.dtype, device=logits.device)
+            logits[ids] -= p.presence_penalty + p.frequency_penalty * freq
+
+    def _distribution(self, logits: torch.Tensor) -> torch.Tensor:
+        p = self.params
+        probs = torch.softmax(logits, dim=-1)
+        if p.min_p > 0:
+            probs[probs < p.min_p * probs.max()] = 0.0
+        if p.top_k > 0:
+            kth = probs.topk(min(p.top_k, probs.numel())).values[-1]
+            probs[probs < kth] = 0.0
+        if p.top_p < 1.0:
+            sorted_probs, order = probs.sort(descending=True)
+            outside = sorted_probs.cumsum(0) - sorted_probs > p.top_p * sorted_probs.sum()  # smallest nucleus
+            sorted_probs[outside] = 0.0
+            probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
+        return probs
+
+    def _logprob(self, raw: torch.Tensor, token: int) -> TokenLogprob | None:
+        k = self.params.logprobs
+        if k is None:
+            return None
+        logprobs = torch.log_softmax(raw.float(), dim=-1)
+        best = logprobs.topk(k)
+        return TokenLogprob(
+            token, float(logprobs[token]), tuple(zip(best.indices.tolist(), best.values.tolist(), strict=True))
+        )

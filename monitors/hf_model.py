@@ -117,8 +117,19 @@ def eos_token_ids(generation_config: GenerationConfig | None, tokenizer: PreTrai
 
 
 def chat_ids(
-    tokenizer: PreTrainedTokenizerBase, messages: list[dict], add_generation_prompt: bool = False
+    tokenizer: PreTrainedTokenizerBase,
+    messages: list[dict],
+    add_generation_prompt: bool = False,
+    tools: list[dict] | None = None,
+    chat_template: str | None = None,
 ) -> list[int]:
-    """Token ids of ``messages`` through the model's chat template (tokenizers return a list or an encoding)."""
-    encoded = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True)
+    """Token ids of ``messages`` through the model's chat template, or ``chat_template`` when given
+    (tokenizers return a list or an encoding)."""
+    encoded = tokenizer.apply_chat_template(
+        messages,
+        add_generation_prompt=add_generation_prompt,
+        tokenize=True,
+        tools=tools,
+        chat_template=chat_template,
+    )
     return list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)

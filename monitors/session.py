@@ -43,8 +43,10 @@ class Monitor:
                 for phase in PHASES:
                     self.metrics.alerts.labels(emotion, severity, phase, self.model)
 
-    def request(self, request_id: str, decode: Callable[[Sequence[int]], str] | None = None) -> RequestMonitor:
-        return RequestMonitor(self, request_id, decode if self.include_text else None)
+    def request(
+        self, request_id: str, decode: Callable[[Sequence[int]], str] | None = None, choice: int = 0
+    ) -> RequestMonitor:
+        return RequestMonitor(self, request_id, decode if self.include_text else None, choice)
 
     async def dispatch(self, event: dict) -> None:
         """Log, count, store and push one alert event; a failing sink is counted, never fatal to the request."""
@@ -90,6 +92,7 @@ class RequestMonitor:
     monitor: Monitor
     request_id: str
     decode: Callable[[Sequence[int]], str] | None = None
+    choice: int = 0  # which of the request's n choices this generation is
     alerts: list[dict] = field(default_factory=list)
     _summaries: dict[str, ScoreSummary] = field(default_factory=dict)
     _tokens: dict[str, list[int]] = field(default_factory=dict)
@@ -139,6 +142,7 @@ class RequestMonitor:
             "time": dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds"),
             "model": self.monitor.model,
             "request_id": self.request_id,
+            "choice": self.choice,
             "emotion": crossing.emotion,
             "severity": crossing.severity,
             "phase": crossing.phase,

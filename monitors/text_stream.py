@@ -14,9 +14,10 @@ if TYPE_CHECKING:
 
 
 class TextStream:
-    def __init__(self, decode: Callable[[Sequence[int]], str], stop: Sequence[str] = ()) -> None:
+    def __init__(self, decode: Callable[[Sequence[int]], str], stop: Sequence[str] = (), min_tokens: int = 0) -> None:
         self._decode = decode
         self._stop = [s for s in stop if s]
+        self._min_tokens = min_tokens  # stop strings count only once more tokens than this exist (as vLLM)
         self._ids: list[int] = []
         self._released = 0  # characters of the decoded text already returned
         self.stopped = False
@@ -25,7 +26,8 @@ class TextStream:
         """Adds a token; returns the text that became final. Sets ``stopped`` on a stop string."""
         self._ids.append(token_id)
         text = self._decode(self._ids)
-        for stop in self._stop:
+        stops = self._stop if len(self._ids) > self._min_tokens else ()
+        for stop in stops:
             at = text.find(stop, max(0, self._released - len(stop)))
             if at != -1:
                 self.stopped = True
@@ -33,7 +35,8 @@ class TextStream:
         end = len(text)
         if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence
             end = len(text.rstrip("\ufffd"))
-        end -= self._stop_prefix_len(text[:end])
+        if stops:
+            end -= self._stop_prefix_len(text[:end])
         return self._release(text, max(end, self._released))
 
     def flush(self) -> str:
@@ -60,21 +63,22 @@ class TextStream:
 class Generation:
     """When a generation ends and what text each token releases: the stop rules every engine shares.
 
-    EOS (unless ``ignore_eos``) and stop strings finish with "stop", ``max_tokens`` with "length". The EOS
-    token itself is counted and scored but adds no text.
+    EOS (unless ``ignore_eos``), ``stop_token_ids`` and stop strings finish with "stop", ``max_tokens`` with
+    "length". A stopping token is counted and scored but adds no text. Before ``min_tokens`` tokens exist
+    the engines suppress stopping tokens; should one slip through it is ordinary text here.
     """
 
     def __init__(
         self, decode: Callable[[Sequence[int]], str], params: SamplingParams, eos_token_ids: Collection[int]
     ) -> None:
-        self.text = TextStream(decode, params.stop)
+        self.text = TextStream(decode, params.stop, params.min_tokens)
         self.params = params
-        self.eos = frozenset(() if params.ignore_eos else eos_token_ids)
+        self.stopping = frozenset(params.stop_token_ids) | frozenset(() if params.ignore_eos else eos_token_ids)
         self.count = 0
 
     def push(self, token_id: int) -> tuple[str, FinishReason | None]:
         self.count += 1
-        if token_id in self.eos:
+        if token_id in self.stopping and self.count > self.params.min_tokens:
             return self.text.flush(), "stop"
         delta = self.text.push(token_id)
         if self.text.stopped:

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from monitors import hf_model, vllm_plugin
-from monitors.engine import EngineStartupError, SamplingParams, Step
+from monitors.engine import EngineStartupError, SamplingParams, Step, TokenLogprob
 from monitors.model_source import ModelSource
 from monitors.probe import ScoredRows
 from monitors.text_stream import Generation
@@ -71,6 +71,7 @@ class VLLMEngine:
         against it before paying for vLLM's start)."""
         from transformers import AutoTokenizer
         from vllm import AsyncEngineArgs
+        from vllm.config import StructuredOutputsConfig
         from vllm.v1.engine.async_llm import AsyncLLM
 
         self.model_name = source.name
@@ -102,6 +103,9 @@ class VLLMEngine:
                 vllm_plugin.CONFIG_KEY: {"layer": vectors.manifest.layer, "plugin": vllm_plugin.PLUGIN_VERSION}
             },
             disable_log_stats=True,
+            # Compact JSON under constraints: a small model cannot wander off into whitespace (the
+            # transformers engine compiles its grammars the same way, monitors.constrained).
+            structured_outputs_config=StructuredOutputsConfig(backend="xgrammar", disable_any_whitespace=True),
         )
         try:
             self._llm = AsyncLLM.from_engine_args(args)
@@ -161,21 +165,40 @@ class VLLMEngine:
     # --- requests -----------------------------------------------------------------------------------
     def _vllm_params(self, params: SamplingParams, key: str, max_tokens: int) -> Any:
         from vllm import SamplingParams as VLLMSamplingParams
-        from vllm.sampling_params import RequestOutputKind
+        from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 
-        return VLLMSamplingParams(
+        structured = None
+        if params.constraint is not None:
+            schema = params.constraint.schema
+            structured = (
+                StructuredOutputsParams(json_object=True)
+                if schema is None
+                else StructuredOutputsParams(json=dict(schema))
+            )
+        vllm_params = VLLMSamplingParams(
             max_tokens=max_tokens,
             temperature=params.temperature,
             top_p=params.top_p,
+            top_k=params.top_k,
+            min_p=params.min_p,
+            repetition_penalty=params.repetition_penalty,
             seed=params.seed,
             presence_penalty=params.presence_penalty,
             frequency_penalty=params.frequency_penalty,
-            ignore_eos=True,  # EOS is judged here (Generation), after it too has been scored
+            logit_bias=dict(params.logit_bias) or None,
+            logprobs=params.logprobs,
+            min_tokens=params.min_tokens,
+            structured_outputs=structured,
+            ignore_eos=True,  # EOS and stop_token_ids are judged here (Generation), after they too are scored
             detokenize=False,  # text comes from Generation, the same code as the transformers engine
             output_kind=RequestOutputKind.DELTA,
             skip_reading_prefix_cache=True,  # cached prompt tokens would get no scores
             extra_args={vllm_plugin.REQUEST_KEY: {"key": key, "steer": dict(params.steer)}},
         )
+        # min_tokens suppresses vLLM's "all stop tokens" (EOS is added there even with ignore_eos); the
+        # client's stop_token_ids are not passed as such, since vLLM would end the request on them unscored.
+        vllm_params.all_stop_token_ids.update(params.stop_token_ids)
+        return vllm_params
 
     @staticmethod
     def _prompt(prompt_ids: list[int], params: SamplingParams) -> dict:
@@ -216,16 +239,18 @@ class VLLMEngine:
         timeout = self.options.score_timeout
         generation = Generation(self.decode, params, self._eos)
         async with self._request(prompt_ids, params, params.max_tokens + 1) as (scores, outputs):
-            pending: list[tuple[int, str]] = []  # sampled tokens (and their text) awaiting their scores
+            # Sampled tokens (with their text and log-probabilities) awaiting their scores.
+            pending: list[tuple[int, str, TokenLogprob | None]] = []
             finish = None
             first = True
             async for output in outputs:
                 if first:
                     yield Step(scores=await scores.rows(0, n_prompt, timeout), phase="prompt")
                     first = False
-                for token in output.outputs[0].token_ids:
+                sample = output.outputs[0]
+                for n, token in enumerate(sample.token_ids):
                     delta, finish = generation.push(token)
-                    pending.append((token, delta))
+                    pending.append((token, delta, _logprob(token, sample.logprobs, n, params.logprobs)))
                     if finish is not None:
                         break
                 # All but the newest token were fed in the step that sampled the newest; the newest waits for
@@ -240,17 +265,28 @@ class VLLMEngine:
                     rows = await scores.rows(at, at + releasable, timeout)
                     released, pending = pending[:releasable], pending[releasable:]
                     yield Step(
-                        text="".join(delta for _, delta in released),
-                        token_ids=[token for token, _ in released],
+                        text="".join(delta for _, delta, _ in released),
+                        token_ids=[token for token, _, _ in released],
                         scores=rows,
                         score_start=done,
                         finish_reason=finish,
+                        logprobs=[lp for _, _, lp in released] if params.logprobs is not None else None,
                     )
                 if finish is not None:
                     return
                 if output.finished:
                     reason = output.outputs[0].finish_reason
                     raise RuntimeError(f"vLLM ended the request early ({reason}) before limbic's stop condition")
+
+
+def _logprob(token: int, logprobs: Any, n: int, k: int | None) -> TokenLogprob | None:
+    """The n-th new token's log-probabilities from vLLM's per-token {token id: Logprob} maps: the sampled
+    token's, and the k best by rank (the sampled token is there too, with its own rank, when outside them)."""
+    if not logprobs or k is None:
+        return None
+    entries = logprobs[n]
+    top = sorted((lp.rank, t, lp.logprob) for t, lp in entries.items() if lp.rank is not None and lp.rank <= k)
+    return TokenLogprob(token, entries[token].logprob, tuple((t, lp) for _, t, lp in top))
 
 
 def _platform_args(options: VLLMOptions) -> dict[str, Any]:

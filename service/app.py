@@ -16,6 +16,7 @@ from monitors.engine import Engine
 from monitors.session import Monitor
 from service import completions, errors, runtime
 from service.analysis import TextTooLong, analyze_text
+from service.chat_templates import ChatRenderer
 from service.config import Settings
 from service.errors import APIError
 from service.protocol import AnalyzeRequest, ChatCompletionRequest, CompletionRequest
@@ -26,6 +27,7 @@ class State:
     settings: Settings
     engine: Engine
     monitor: Monitor
+    renderer: ChatRenderer
     served_names: list[str]
     started: float
 
@@ -46,7 +48,8 @@ def create_app(settings: Settings, engine: Engine | None = None, close_engine: b
             await active.start()
             sink = await runtime.open_sink(settings)
             monitor = runtime.build_monitor(settings, active, sink)
-            app.state.limbic = State(settings, active, monitor, [active.model_name], time.time())
+            renderer = runtime.chat_renderer(settings, active)
+            app.state.limbic = State(settings, active, monitor, renderer, [active.model_name], time.time())
             try:
                 yield
             finally:
@@ -64,7 +67,7 @@ def create_app(settings: Settings, engine: Engine | None = None, close_engine: b
 
     async def _run(request: Request, body: ChatCompletionRequest | CompletionRequest) -> Response:
         s = state(request)
-        completion = completions.prepare(s.engine, s.monitor, body, s.served_names, s.settings.steer)
+        completion = completions.prepare(s.engine, s.monitor, s.renderer, body, s.served_names, s.settings.steer)
         if body.stream:
             return StreamingResponse(
                 completions.stream(completion),
@@ -82,23 +85,32 @@ def create_app(settings: Settings, engine: Engine | None = None, close_engine: b
     async def text_completions(request: Request, body: CompletionRequest) -> Response:
         return await _run(request, body)
 
+    def model_card(s: State, name: str) -> dict:
+        return {
+            "id": name,
+            "object": "model",
+            "created": int(s.started),
+            "owned_by": "limbic",
+            "max_model_len": s.engine.context_length,
+            "limbic": {
+                "layer": s.engine.vectors.manifest.layer,
+                "emotions": len(s.engine.vectors.emotions),
+                "tool_chat_template": s.renderer.tool_template_name,
+                "tool_call_parser": s.renderer.tool_call_parser,
+            },
+        }
+
     @app.get("/v1/models")
     async def models(request: Request) -> dict:
         s = state(request)
-        return {
-            "object": "list",
-            "data": [
-                {
-                    "id": name,
-                    "object": "model",
-                    "created": int(s.started),
-                    "owned_by": "limbic",
-                    "max_model_len": s.engine.context_length,
-                    "limbic": {"layer": s.engine.vectors.manifest.layer, "emotions": len(s.engine.vectors.emotions)},
-                }
-                for name in s.served_names
-            ],
-        }
+        return {"object": "list", "data": [model_card(s, name) for name in s.served_names]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(request: Request, model_id: str) -> dict:
+        s = state(request)
+        if model_id not in s.served_names:
+            raise APIError(404, f"The model `{model_id}` does not exist.", param="model", code="model_not_found")
+        return model_card(s, model_id)
 
     @app.post("/v1/analyze")
     async def analyze(request: Request, body: AnalyzeRequest) -> dict:
@@ -133,6 +145,12 @@ def create_app(settings: Settings, engine: Engine | None = None, close_engine: b
     @app.get("/metrics")
     async def metrics(request: Request) -> Response:
         return Response(generate_latest(state(request).monitor.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/health")
+    async def health(request: Request) -> Response:
+        """vLLM's probe (benchmark clients such as guidellm check it): 200 with an empty body once serving."""
+        state(request)
+        return Response(status_code=200)
 
     @app.get("/healthz")
     async def healthz(request: Request) -> dict:

@@ -35,6 +35,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         asyncio.run(_probe_sink(settings))  # fail fast, before the model loads
         engine = runtime.load_engine(settings)
+        runtime.chat_renderer(settings, engine)  # a bad template or parser name stops start-up here
     except runtime.StartupError as exc:
         return _fail(str(exc))
     print(
@@ -81,6 +82,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     settings = _settings(args)
     try:
         engine = runtime.load_engine(settings)
+        runtime.chat_renderer(settings, engine)  # a bad template or parser name stops start-up here
     except runtime.StartupError as exc:
         return _fail(str(exc))
     source = open(args.file) if args.file not in (None, "-") else sys.stdin  # noqa: SIM115
@@ -237,6 +239,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--alertmanager-url", dest="alertmanager_url", help="also push alert events to this Alertmanager"
     )
     serve.add_argument("--device", help="torch device, e.g. cpu or cuda")
+    serve.add_argument(
+        "--chat-template", dest="chat_template", type=Path, help="Jinja chat template file for every chat request"
+    )
+    serve.add_argument(
+        "--tool-call-parser",
+        dest="tool_call_parser",
+        help="vLLM tool parser for tool_choice auto (default: hermes with limbic's bundled ChatML template)",
+    )
     serve.set_defaults(func=cmd_serve)
 
     analyze = commands.add_parser("analyze", help="score JSON lines {id, text} as plain text")

@@ -2,7 +2,9 @@
 
 Responses keep OpenAI's shape; additions live under ``limbic`` (which the openai client exposes through
 ``model_extra``): summaries of the prompt's and the generation's scores, the alerts raised, and, when the
-request asks via ``extra_body={"limbic": {"token_scores": true}}``, every token's scores.
+request asks via ``extra_body={"limbic": {"token_scores": true}}``, every token's scores. A request with
+``n`` choices runs ``n`` generations, each monitored on its own: every choice carries its own ``limbic``
+object when n > 1, and each alert names its choice.
 """
 
 from __future__ import annotations
@@ -12,55 +14,91 @@ import contextlib
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from monitors.channel import Channel
-from monitors.engine import Engine, Step
+from monitors.engine import Engine, SamplingParams, Step, TokenLogprob
 from monitors.session import Monitor, RequestMonitor
+from service.chat_templates import ChatRenderer, TemplateError
 from service.errors import APIError
 from service.protocol import ChatCompletionRequest, CompletionRequest, LimbicOptions
+from service.tools import ChatOutput, chat_output
 
 
 @dataclass
+class Choice:
+    """One of the request's n generations: its sampling, its monitor, its output handling and results."""
+
+    index: int
+    params: SamplingParams
+    monitor: RequestMonitor
+    output: ChatOutput
+    text: list[str] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    scores: list[dict] = field(default_factory=list)  # per-token scores, when the request asks for them
+    finish: str | None = None
+    called_tools: bool = False  # a tool-call delta was streamed
+
+    def finish_reason(self, message: dict | None = None) -> str | None:
+        called = self.called_tools if message is None else bool(message.get("tool_calls"))
+        return "tool_calls" if called and self.finish == "stop" else self.finish
+
+
 class _Format:
-    """The few places where chat and text completions differ."""
+    """What differs between chat and text completions: object names, and choice and logprob shapes."""
 
-    object_name: str
-    chunk_object: str
-    id_prefix: str
+    object_name = "chat.completion"
+    chunk_object = "chat.completion.chunk"
+    id_prefix = "chatcmpl"
 
-    def choice(self, text: str, finish: str | None) -> dict:
-        raise NotImplementedError
+    def choice(self, c: Choice, logprobs: dict | None) -> dict:
+        message = c.output.message("".join(c.text))
+        return {"index": c.index, "message": message, "finish_reason": c.finish_reason(message), "logprobs": logprobs}
 
-    def delta(self, text: str, finish: str | None, first: bool) -> dict:
-        raise NotImplementedError
+    def chunk_choice(self, index: int, delta: dict, finish: str | None, logprobs: dict | None) -> dict:
+        return {"index": index, "delta": delta, "finish_reason": finish, "logprobs": logprobs}
 
+    def logprobs(self, entries: Sequence[TokenLogprob], token_text: Any) -> dict:
+        def item(token_id: int, logprob: float) -> dict:
+            text = token_text(token_id)
+            return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
 
-class _ChatFormat(_Format):
-    def choice(self, text: str, finish: str | None) -> dict:
-        return {
-            "index": 0,
-            "message": {"role": "assistant", "content": text},
-            "finish_reason": finish,
-            "logprobs": None,
-        }
-
-    def delta(self, text: str, finish: str | None, first: bool) -> dict:
-        delta = {"role": "assistant", "content": text} if first else ({"content": text} if text else {})
-        return {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
+        content = [
+            item(e.token_id, e.logprob) | {"top_logprobs": [item(t, lp) for t, lp in e.top]} for e in entries
+        ]
+        return {"content": content, "refusal": None}
 
 
 class _TextFormat(_Format):
-    def choice(self, text: str, finish: str | None) -> dict:
-        return {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
+    object_name = "text_completion"
+    chunk_object = "text_completion"
+    id_prefix = "cmpl"
 
-    def delta(self, text: str, finish: str | None, first: bool) -> dict:
-        return self.choice(text, finish)
+    def choice(self, c: Choice, logprobs: dict | None) -> dict:
+        return {"index": c.index, "text": "".join(c.text), "finish_reason": c.finish, "logprobs": logprobs}
+
+    def chunk_choice(self, index: int, delta: dict, finish: str | None, logprobs: dict | None) -> dict:
+        return {"index": index, "text": delta.get("content", ""), "finish_reason": finish, "logprobs": logprobs}
+
+    def logprobs(self, entries: Sequence[TokenLogprob], token_text: Any, offset: int = 0) -> dict:
+        tokens = [token_text(e.token_id) for e in entries]
+        offsets = []
+        for text in tokens:
+            offsets.append(offset)
+            offset += len(text)
+        return {
+            "tokens": tokens,
+            "token_logprobs": [e.logprob for e in entries],
+            "top_logprobs": [{token_text(t): lp for t, lp in e.top} for e in entries],
+            "text_offset": offsets,
+        }
 
 
-CHAT = _ChatFormat("chat.completion", "chat.completion.chunk", "chatcmpl")
-TEXT = _TextFormat("text_completion", "text_completion", "cmpl")
+CHAT = _Format()
+TEXT = _TextFormat()
 
 
 @dataclass
@@ -68,13 +106,13 @@ class Completion:
     """One validated request, ready to run."""
 
     engine: Engine
-    monitor: RequestMonitor
     fmt: _Format
     model: str
     prompt_ids: list[int]
-    max_tokens: int
     request: ChatCompletionRequest | CompletionRequest
+    choices: list[Choice]
     steer: dict[str, float] = field(default_factory=dict)
+    template: str | None = None  # which chat template rendered the prompt (chat only)
     id: str = ""
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -85,58 +123,97 @@ class Completion:
     def base(self, object_name: str) -> dict:
         return {"id": self.id, "object": object_name, "created": self.created, "model": self.model}
 
-    def usage(self, completion_tokens: int) -> dict:
-        n = len(self.prompt_ids)
-        return {"prompt_tokens": n, "completion_tokens": completion_tokens, "total_tokens": n + completion_tokens}
+    def usage(self) -> dict:
+        n, generated = len(self.prompt_ids), sum(len(c.token_ids) for c in self.choices)
+        return {"prompt_tokens": n, "completion_tokens": generated, "total_tokens": n + generated}
 
-    def extension(self) -> dict:
-        extension = {
+    def extension(self, choice: Choice) -> dict:
+        """limbic's results for one choice (the prompt is scored once, by choice 0's generation)."""
+        extension: dict[str, Any] = {
             "layer": self.engine.vectors.manifest.layer,
-            "prompt": self.monitor.summary("prompt"),
-            "generation": self.monitor.summary("generation"),
-            "alerts": self.monitor.alerts,
+            "prompt": self.choices[0].monitor.summary("prompt"),
+            "generation": choice.monitor.summary("generation"),
+            "alerts": choice.monitor.alerts,
         }
+        if len(self.choices) > 1:
+            extension["choice"] = choice.index
         if self.steer:
             extension["steer"] = self.steer
+        if self.template:
+            extension["chat_template"] = self.template
         return extension
 
-    def token_scores(self, step: Step) -> list[dict]:
-        return self.monitor.token_scores(step, self.options.emotions) if self.options.token_scores else []
+    def token_text(self, token_id: int) -> str:
+        return self.engine.decode([token_id])
 
-    async def steps(self) -> AsyncIterator[Step]:
-        """The engine's steps, monitored as they are produced rather than as the client reads them.
+    def logprobs(self, entries: Sequence[TokenLogprob]) -> dict | None:
+        return self.fmt.logprobs(entries, self.token_text) if self.request.logprobs_count is not None else None
 
-        A separate task runs generation and monitoring, so a slow SSE reader delays neither alerts nor
-        metrics; leaving this generator (a client disconnect) cancels the task, which aborts generation.
+    async def _observe(self, choice: Choice, step: Step) -> None:
+        if step.phase == "prompt" and choice.index > 0:
+            return  # every choice's engine request scores the prompt; choice 0 reports it
+        await choice.monitor.observe(step, self.prompt_ids)
+        if step.phase == "generation":
+            choice.token_ids += step.token_ids
+            choice.logprobs += step.logprobs or ()
+            choice.finish = step.finish_reason or choice.finish
+        if self.options.token_scores:
+            choice.scores += choice.monitor.token_scores(step, self.options.emotions)
+
+    async def steps(self) -> AsyncIterator[tuple[Choice, Step]]:
+        """Every choice's engine steps, monitored as they are produced rather than as the client reads them.
+
+        A task per choice runs generation and monitoring, so a slow SSE reader delays neither alerts nor
+        metrics; leaving this generator (a client disconnect) cancels the tasks, which aborts generation.
         """
-        channel: Channel[Step] = Channel()
+        channel: Channel[tuple[Choice, Step]] = Channel()
+        running = len(self.choices)
 
-        async def monitored() -> None:
+        async def monitored(choice: Choice) -> None:
+            nonlocal running
             try:
-                params = self.request.sampling(self.max_tokens, self.steer)
                 # aclosing: a cancelled task ends (and vLLM aborts) the engine's request now, not at GC.
-                async with contextlib.aclosing(self.engine.generate(self.prompt_ids, params)) as steps:
+                async with contextlib.aclosing(self.engine.generate(self.prompt_ids, choice.params)) as steps:
                     async for step in steps:
-                        await self.monitor.observe(step, self.prompt_ids)
-                        channel.put(step)
+                        await self._observe(choice, step)
+                        channel.put((choice, step))
             except Exception as exc:
                 channel.fail(exc)
             finally:
-                channel.close()
+                running -= 1
+                if not running:
+                    channel.close()
 
-        task = asyncio.create_task(monitored())
+        tasks = [asyncio.create_task(monitored(choice)) for choice in self.choices]
         try:
-            async for step in channel:
-                yield step
+            async for item in channel:
+                yield item
         finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _check_token_ids(engine: Engine, fields: Mapping[str, list[int]]) -> None:
+    vocabulary = len(engine.tokenizer)
+    for param, ids in fields.items():
+        bad = [i for i in ids if not 0 <= i < vocabulary]
+        if bad:
+            raise APIError(400, f"token ids {bad[:5]} are outside the vocabulary (0..{vocabulary - 1})", param=param)
+
+
+def _chat_prompt(renderer: ChatRenderer, request: ChatCompletionRequest) -> tuple[list[int], str]:
+    tools = [t.model_dump(exclude_none=True) for t in request.tools or ()] if request.tools_active else None
+    try:
+        return renderer.render([m.for_template() for m in request.messages], tools)
+    except TemplateError as exc:
+        raise APIError(400, str(exc), param="tools" if tools else "messages") from exc
 
 
 def prepare(
     engine: Engine,
     monitor: Monitor,
+    renderer: ChatRenderer,
     request: ChatCompletionRequest | CompletionRequest,
     served_names: list[str],
     steer_defaults: Mapping[str, float] | None = None,
@@ -147,11 +224,11 @@ def prepare(
         unknown = sorted(set(named) - set(engine.vectors.emotions))
         if unknown:
             raise APIError(400, f"unknown emotions {unknown}", param=param, code="invalid_emotion")
+    _check_token_ids(engine, request.token_id_fields)
+    template = None
     if isinstance(request, ChatCompletionRequest):
-        fmt, prompt_ids = (
-            CHAT,
-            engine.chat_prompt_ids([{"role": m.role, "content": m.text()} for m in request.messages]),
-        )
+        fmt = CHAT
+        prompt_ids, template = _chat_prompt(renderer, request)
     else:
         fmt = TEXT
         prompt_ids = list(request.prompt) if isinstance(request.prompt, list) else engine.encode(request.prompt)
@@ -169,62 +246,82 @@ def prepare(
             code="context_length_exceeded",
         )
     request_id = f"{fmt.id_prefix}-{uuid.uuid4().hex}"
-    decode = engine.decode
-    return Completion(
-        engine=engine,
-        monitor=monitor.request(request_id, decode),
-        fmt=fmt,
-        model=request.model,
-        prompt_ids=prompt_ids,
-        max_tokens=wanted or limit - len(prompt_ids),
-        request=request,
-        steer={**(steer_defaults or {}), **request.limbic.steer},
-        id=request_id,
-    )
+    steer = {**(steer_defaults or {}), **request.limbic.steer}
+    choices = []
+    for index in range(request.n):
+        try:
+            output = (
+                chat_output(request, renderer.tokenizer, renderer.tool_call_parser)
+                if isinstance(request, ChatCompletionRequest)
+                else ChatOutput()
+            )
+        except ValueError as exc:
+            raise APIError(400, str(exc), param="tool_choice") from exc
+        constraint = output.constraint or request.constraint()
+        params = request.sampling(wanted or limit - len(prompt_ids), steer, constraint, seed_offset=index)
+        choices.append(Choice(index, params, monitor.request(request_id, engine.decode, index), output))
+    return Completion(engine, fmt, request.model, prompt_ids, request, choices, steer, template, request_id)
 
 
 async def complete(c: Completion) -> dict:
-    text, finish, generated = [], None, 0
-    tokens: list[dict] = []
-    async for step in c.steps():
-        text.append(step.text)
-        generated += len(step.token_ids)
-        finish = step.finish_reason or finish
-        tokens += c.token_scores(step)
-    extension = c.extension()
+    async for choice, step in c.steps():
+        choice.text.append(step.text)
+    first = c.choices[0]
+    extension = c.extension(first)
+    if len(c.choices) > 1:
+        extension["alerts"] = [alert for choice in c.choices for alert in choice.monitor.alerts]
     if c.options.token_scores:
-        extension["tokens"] = tokens
-    return c.base(c.fmt.object_name) | {
-        "choices": [c.fmt.choice("".join(text), finish)],
-        "usage": c.usage(generated),
-        "limbic": extension,
-    }
+        extension["tokens"] = first.scores
+    rendered = []
+    for choice in c.choices:
+        item = c.fmt.choice(choice, c.logprobs(choice.logprobs))
+        if len(c.choices) > 1:
+            item["limbic"] = c.extension(choice) | ({"tokens": choice.scores} if c.options.token_scores else {})
+        rendered.append(item)
+    return c.base(c.fmt.object_name) | {"choices": rendered, "usage": c.usage(), "limbic": extension}
 
 
-def _sse(payload: dict) -> str:
+def sse(payload: dict) -> str:
     return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n"
 
 
-async def stream(c: Completion) -> AsyncIterator[str]:
-    first, generated = True, 0
+async def chunks(c: Completion) -> AsyncIterator[dict]:
+    """The stream as chunk dicts: each choice's deltas as they are scored, then usage if asked for."""
+    started: set[int] = set()
     try:
-        async for step in c.steps():
-            generated += len(step.token_ids)
-            tokens = c.token_scores(step)
-            if step.finish_reason is None and not step.text and not tokens and not first:
+        async for choice, step in c.steps():
+            if step.phase == "prompt" and choice.index > 0:
                 continue
-            chunk = c.base(c.fmt.chunk_object) | {"choices": [c.fmt.delta(step.text, step.finish_reason, first)]}
-            first = False
-            extension = {"tokens": tokens} if tokens else {}
+            deltas = choice.output.push(step.text, step.token_ids)
             if step.finish_reason is not None:
-                extension |= c.extension()
-            if extension:
-                chunk["limbic"] = extension
-            yield _sse(chunk)
+                deltas += choice.output.finish()
+            choice.called_tools |= any("tool_calls" in d for d in deltas)
+            tokens = choice.monitor.token_scores(step, c.options.emotions) if c.options.token_scores else []
+            entries = step.logprobs or ()
+            if not deltas and (tokens or entries or step.finish_reason or choice.index not in started):
+                deltas = [{}]
+            for n, delta in enumerate(deltas):
+                last = n == len(deltas) - 1
+                if choice.index not in started and c.fmt is CHAT:
+                    delta = {"role": "assistant"} | (delta or {"content": ""})
+                started.add(choice.index)
+                finish = choice.finish_reason() if last and step.finish_reason else None
+                logprobs = c.logprobs(entries) if last and entries else None
+                rendered = c.fmt.chunk_choice(choice.index, delta, finish, logprobs)
+                chunk = c.base(c.fmt.chunk_object) | {"choices": [rendered]}
+                extension = {"tokens": tokens} if tokens and last else {}
+                if finish is not None:
+                    extension |= c.extension(choice)
+                if extension:
+                    chunk["limbic"] = extension
+                yield chunk
         if c.request.include_usage:
-            yield _sse(c.base(c.fmt.chunk_object) | {"choices": [], "usage": c.usage(generated)})
+            yield c.base(c.fmt.chunk_object) | {"choices": [], "usage": c.usage()}
     except Exception as exc:  # the status line is gone; report in-band, as OpenAI's API does
-        yield _sse(
-            {"error": {"message": f"generation failed: {exc}", "type": "server_error", "param": None, "code": None}}
-        )
+        yield {"error": {"message": f"generation failed: {exc}", "type": "server_error", "param": None, "code": None}}
+
+
+async def stream(c: Completion) -> AsyncIterator[str]:
+    async for chunk in chunks(c):
+        yield sse(chunk)
     yield "data: [DONE]\n\n"

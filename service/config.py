@@ -33,6 +33,13 @@ class Settings(BaseSettings):
         default=None, ge=16, description="tokens per forward pass; longer prompts are prefilled in chunks"
     )
     vllm_tensor_parallel_size: int = Field(default=1, ge=1)
+    # Chat templates and tools (as vLLM's --chat-template and --tool-call-parser). Default: the model's own
+    # template; for tools, limbic's bundled ChatML template with vLLM's `hermes` parser where the model's
+    # own template has no tool support.
+    chat_template: Path | None = Field(default=None, description="a Jinja chat template file for every chat")
+    tool_call_parser: str | None = Field(default=None, description="vLLM's tool parser for tool_choice auto")
+    responses_store_capacity: int = Field(default=1000, ge=0, description="Responses API: responses kept")
+    responses_store_ttl_s: float = Field(default=3600.0, gt=0, description="Responses API: seconds kept")
     # Steering for every request, e.g. LIMBIC_STEER='{"calm": 0.1}' (a mitigation); requests can add their own.
     steer: dict[str, Strength] = Field(default_factory=dict)
 

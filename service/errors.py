@@ -42,8 +42,13 @@ def error_response(
 
 
 def _describe(error: dict) -> tuple[str, str | None]:
+    cause = (error.get("ctx") or {}).get("error")
+    if getattr(cause, "param", None):  # protocol.RefusedField: a supported-field check that names its field
+        return str(cause), cause.param
     location = [str(part) for part in error.get("loc", ()) if part != "body"]
     param = ".".join(location) or None
+    if error.get("type") == "extra_forbidden":
+        return f"`{param}` is not a field limbic knows (see docs/api.md for what it supports)", param
     return (f"{param}: {error['msg']}" if param else error["msg"]), param
 
 

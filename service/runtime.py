@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-from dataclasses import fields
+from dataclasses import fields, replace
 from pathlib import Path
 
 import torch
@@ -17,7 +17,9 @@ from monitors.hf_engine import TransformersEngine
 from monitors.metrics import Metrics
 from monitors.session import Monitor
 from monitors.sinks import AlertSink, MemorySink, RedisStreamSink
+from service.chat_templates import ChatRenderer
 from service.config import Settings
+from service.tools import tool_parser_available
 from vectors import storage
 
 log = logging.getLogger(__name__)
@@ -117,6 +119,27 @@ def _vllm_engine(
         raise StartupError(
             f"vLLM did not start: {exc} (see vLLM's log above; --engine transformers avoids it)"
         ) from exc
+
+
+def chat_renderer(settings: Settings, engine: Engine) -> ChatRenderer:
+    """How chat requests become prompts: the model's template, limbic's tool template, or the operator's."""
+    parser = settings.tool_call_parser
+    if parser is not None:
+        if not tool_parser_available():
+            raise StartupError("--tool-call-parser needs vLLM's tool parsers: install vLLM (scripts/setup does)")
+        from vllm.tool_parsers import ToolParserManager
+
+        known = ToolParserManager.list_registered()
+        if parser not in known:
+            raise StartupError(f"unknown --tool-call-parser {parser!r}; vLLM's parsers: {', '.join(known)}")
+    template = settings.chat_template
+    if template is not None and not template.is_file():
+        raise StartupError(f"--chat-template {template}: no such file")
+    renderer = ChatRenderer.for_tokenizer(engine.tokenizer, parser, template)
+    if renderer.tool_call_parser is not None and not tool_parser_available():
+        renderer = replace(renderer, tool_call_parser=None)  # forced tool calls still work (constrained)
+    log.info("tools: chat template %s, parser %s", renderer.tool_template_name, renderer.tool_call_parser)
+    return renderer
 
 
 async def open_sink(settings: Settings) -> AlertSink:

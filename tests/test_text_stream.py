@@ -41,3 +41,24 @@ def test_incomplete_utf8_is_held_back():
     stream = TextStream(lambda ids: "caf" + ("é" if len(ids) == 3 else "\ufffd" * (len(ids) - 1)))
     out = [stream.push(i) for i in range(len(pieces))]
     assert out == ["caf", "", "é"]
+
+
+def test_min_tokens_holds_off_stop_strings_and_stop_tokens():
+    from monitors.engine import SamplingParams
+    from monitors.text_stream import Generation
+
+    params = SamplingParams(max_tokens=10, stop=("lo",), min_tokens=3, stop_token_ids=(5,))
+    generation = Generation(decode, params, eos_token_ids={6})
+    # "lo" completes at token 1 (inside min_tokens): no stop; then token 5 is a stop token (past min_tokens).
+    outputs = [generation.push(i) for i in (0, 1, 2, 5)]
+    assert [f for _, f in outputs] == [None, None, None, "stop"]
+    assert "".join(d for d, _ in outputs) == "Hello wor"
+
+
+def test_stop_token_ids_end_even_with_ignore_eos_and_eos_does_not():
+    from monitors.engine import SamplingParams
+    from monitors.text_stream import Generation
+
+    generation = Generation(decode, SamplingParams(max_tokens=10, ignore_eos=True, stop_token_ids=(3,)), {2})
+    assert generation.push(2) == (" wor", None)  # EOS ignored: ordinary text
+    assert generation.push(3)[1] == "stop"
