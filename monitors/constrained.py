@@ -27,15 +27,12 @@ class GrammarCompiler:
         self.vocab_size = vocab_size
 
     @functools.lru_cache(maxsize=64)  # noqa: B019 (one compiler per engine, kept for the engine's life)
-    def _compiled(self, schema_json: str | None) -> object:
-        if schema_json is None:
-            return self._compiler.compile_builtin_json_grammar()
+    def _compiled(self, schema_json: str) -> object:
         # Compact JSON (as vLLM with disable_any_whitespace): a small model cannot wander off into whitespace.
         return self._compiler.compile_json_schema(schema_json, any_whitespace=False, separators=(",", ":"))
 
     def matcher(self, constraint: JsonConstraint) -> Matcher:
-        schema = None if constraint.schema is None else json.dumps(constraint.schema, sort_keys=True)
-        return Matcher(self._xgr, self._compiled(schema), self.vocab_size)
+        return Matcher(self._xgr, self._compiled(json.dumps(constraint.schema, sort_keys=True)), self.vocab_size)
 
 
 class Matcher:

@@ -20,13 +20,13 @@ FinishReason = Literal["stop", "length", "abort"]
 
 @dataclass(frozen=True)
 class JsonConstraint:
-    """Constrained decoding: the output must be JSON matching ``schema`` (None: any JSON object).
+    """Constrained decoding: the output must be compact JSON matching ``schema`` (default: any object).
 
     Both engines compile it with xgrammar (vLLM through its structured-output backend), so a tool call
     forced by ``tool_choice`` or a ``response_format`` schema is valid by construction, even on a 135M model.
     """
 
-    schema: Mapping[str, Any] | None = None
+    schema: Mapping[str, Any] = field(default_factory=lambda: {"type": "object"})
 
 
 @dataclass(frozen=True)

@@ -169,12 +169,7 @@ class VLLMEngine:
 
         structured = None
         if params.constraint is not None:
-            schema = params.constraint.schema
-            structured = (
-                StructuredOutputsParams(json_object=True)
-                if schema is None
-                else StructuredOutputsParams(json=dict(schema))
-            )
+            structured = StructuredOutputsParams(json=dict(params.constraint.schema))
         vllm_params = VLLMSamplingParams(
             max_tokens=max_tokens,
             temperature=params.temperature,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -11,15 +12,18 @@ from dataclasses import dataclass
 from fastapi import FastAPI, Query, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import ValidationError
 
 from monitors.engine import Engine
 from monitors.session import Monitor
-from service import completions, errors, runtime
+from service import completions, errors, responses, runtime
 from service.analysis import TextTooLong, analyze_text
 from service.chat_templates import ChatRenderer
 from service.config import Settings
 from service.errors import APIError
 from service.protocol import AnalyzeRequest, ChatCompletionRequest, CompletionRequest
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -28,6 +32,7 @@ class State:
     engine: Engine
     monitor: Monitor
     renderer: ChatRenderer
+    response_store: responses.ResponseStore | None
     served_names: list[str]
     started: float
 
@@ -49,7 +54,8 @@ def create_app(settings: Settings, engine: Engine | None = None, close_engine: b
             sink = await runtime.open_sink(settings)
             monitor = runtime.build_monitor(settings, active, sink)
             renderer = runtime.chat_renderer(settings, active)
-            app.state.limbic = State(settings, active, monitor, renderer, [active.model_name], time.time())
+            store = runtime.open_response_store(settings)
+            app.state.limbic = State(settings, active, monitor, renderer, store, [active.model_name], time.time())
             try:
                 yield
             finally:
@@ -76,6 +82,47 @@ def create_app(settings: Settings, engine: Engine | None = None, close_engine: b
             )
         result = await completions.complete(completion)
         return JSONResponse(result, headers={"X-Request-Id": completion.id})
+
+    @app.post("/v1/responses")
+    async def create_response(request: Request, body: responses.ResponsesRequest) -> Response:
+        """The Responses API, translated to a chat completion and back (service.responses)."""
+        s = state(request)
+        try:
+            history = await responses.history_for(s.response_store, body)
+        except responses.ResponseNotFound as exc:
+            raise APIError(404, str(exc), param="previous_response_id", code="response_not_found") from exc
+        except responses.StoreUnavailable as exc:
+            raise APIError(503, str(exc), type="server_error") from exc
+        chat_body = responses.to_chat(body, history)
+        if body.stream:
+            chat_body |= {"stream": True, "stream_options": {"include_usage": True}}
+        try:
+            chat = ChatCompletionRequest.model_validate(chat_body)
+        except ValidationError as exc:
+            message, param = errors.describe(exc.errors()[0])
+            raise APIError(400, message, param=param) from exc
+        completion = completions.prepare(s.engine, s.monitor, s.renderer, chat, s.served_names, s.settings.steer)
+        response_id, created = responses.new_response_id(), time.time()
+
+        async def remember(response: dict) -> None:
+            try:
+                await responses.remember(s.response_store, body, history, response)
+            except responses.StoreUnavailable:  # the answer stands; only chaining onto it will fail
+                log.warning("response %s not stored: the response store is unavailable", response["id"])
+
+        if body.stream:
+
+            async def events() -> AsyncIterator[str]:
+                chunks = completions.chunks(completion)
+                async for event in responses.stream_events(chunks, body, response_id, created):
+                    if event["type"] in ("response.completed", "response.incomplete"):
+                        await remember(event["response"])
+                    yield responses.sse(event)
+
+            return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        result = responses.to_response(await completions.complete(completion), body, response_id, created)
+        await remember(result)
+        return JSONResponse(result)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request, body: ChatCompletionRequest) -> Response:

@@ -41,7 +41,7 @@ def error_response(
     return JSONResponse(body, status_code=status)
 
 
-def _describe(error: dict) -> tuple[str, str | None]:
+def describe(error: dict) -> tuple[str, str | None]:
     cause = (error.get("ctx") or {}).get("error")
     if getattr(cause, "param", None):  # protocol.RefusedField: a supported-field check that names its field
         return str(cause), cause.param
@@ -60,7 +60,7 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         errors = exc.errors()
-        message, param = _describe(errors[0]) if errors else ("invalid request", None)
+        message, param = describe(errors[0]) if errors else ("invalid request", None)
         if len(errors) > 1:
             message += f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})"
         return error_response(400, message, param=param, code="invalid_request")

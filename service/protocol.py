@@ -49,7 +49,7 @@ class _Refusing(Strict):
     def _refuse(cls, data: Any) -> Any:
         if isinstance(data, dict):
             for name, why in cls.refused.items():
-                if data.get(name) not in (None, False, [], {}):
+                if data.get(name) not in (None, False, []):  # {} asks for a feature with its defaults
                     raise RefusedField(name, why)
         return data
 

@@ -413,7 +413,8 @@ def to_chat(request: ResponsesRequest, history: list[dict] | None) -> dict:
 _INCOMPLETE = {"length": "max_output_tokens", "content_filter": "content_filter"}
 
 
-def _item_status(finish: str | None) -> str:
+def _status(finish: str | None) -> str:
+    """The status of a response, and of its last output item, for the chat's finish reason."""
     return "incomplete" if finish in _INCOMPLETE else "completed"
 
 
@@ -469,7 +470,7 @@ class _Output:
         for item in output.items:
             item["status"] = "completed"
         if output.items:
-            output.items[-1]["status"] = _item_status(choice.get("finish_reason"))
+            output.items[-1]["status"] = _status(choice.get("finish_reason"))
         return output
 
 
@@ -544,10 +545,6 @@ def _response(
     return response
 
 
-def _final_status(finish: str | None) -> str:
-    return "incomplete" if finish in _INCOMPLETE else "completed"
-
-
 def to_response(chat: dict, request: ResponsesRequest, response_id: str, created_at: float) -> dict:
     """The Response object for a non-streamed ``chat.completion``; its ``limbic`` object is kept at top level."""
     finish = (chat.get("choices") or [{}])[0].get("finish_reason")
@@ -555,7 +552,7 @@ def to_response(chat: dict, request: ResponsesRequest, response_id: str, created
         request,
         response_id,
         created_at,
-        status=_final_status(finish),
+        status=_status(finish),
         output=_Output.of(chat, response_id).items,
         finish=finish,
         usage=_usage(chat.get("usage")),
@@ -581,7 +578,7 @@ _DELTAS = ("response.output_text.delta", "response.function_call_arguments.delta
 
 
 class _StreamError(Exception):
-    pass
+    """A chat stream that cannot be told as Responses events (a tool call resumed after the next began)."""
 
 
 class _Events:
@@ -721,11 +718,11 @@ class _Events:
         if self.pending and not self.output.items:
             pending, self.pending = self.pending, ""
             events += self.open_message() + self.text(pending)
-        return events + self.close(_item_status(self.finish))
+        return events + self.close(_status(self.finish))
 
     def ended(self) -> list[dict]:
         events = [] if self.finished else self.wrap_up()
-        status = _final_status(self.finish)
+        status = _status(self.finish)
         kind = "response.incomplete" if status == "incomplete" else "response.completed"
         return [*self.attach_tokens(events), self.event(kind, response=self.response(status))]
 
@@ -738,6 +735,18 @@ class _Events:
         )
         failed = self.response("failed", error={"code": "server_error", "message": message})
         return [report, self.event("response.failed", response=failed)]
+
+
+@contextlib.asynccontextmanager
+async def _closing(iterable: AsyncIterable[Any]) -> AsyncIterator[AsyncIterator[Any]]:
+    """Iterates ``iterable`` and closes it after, so a client leaving now also ends the generation it reads."""
+    iterator = aiter(iterable)
+    try:
+        yield iterator
+    finally:
+        close = getattr(iterator, "aclose", None)
+        if close is not None:
+            await close()
 
 
 async def stream_events(
@@ -769,30 +778,9 @@ async def stream_events(
         yield event
 
 
-@contextlib.asynccontextmanager
-async def _closing(iterable: AsyncIterable[Any]) -> AsyncIterator[AsyncIterator[Any]]:
-    """Iterates ``iterable`` and closes it after, so a client leaving now also ends the generation it reads."""
-    iterator = aiter(iterable)
-    try:
-        yield iterator
-    finally:
-        close = getattr(iterator, "aclose", None)
-        if close is not None:
-            await close()
-
-
 def sse(event: dict) -> str:
     """One Server-Sent Event, named after the event's type as OpenAI's stream does."""
     return f"event: {event['type']}\ndata: {json.dumps(event, separators=(',', ':'))}\n\n"
-
-
-async def chat_chunks(stream: AsyncIterable[str]) -> AsyncIterator[dict]:
-    """The chunk dicts of a chat completions SSE stream (each string holds whole events, as limbic's stream yields)."""
-    async with _closing(stream) as source:
-        async for text in source:
-            for line in text.splitlines():
-                if line.startswith("data: ") and line != "data: [DONE]":
-                    yield json.loads(line.removeprefix("data: "))
 
 
 # ---------------------------------------------------------------------------------------------------------------

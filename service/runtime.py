@@ -19,6 +19,7 @@ from monitors.session import Monitor
 from monitors.sinks import AlertSink, MemorySink, RedisStreamSink
 from service.chat_templates import ChatRenderer
 from service.config import Settings
+from service.responses import MemoryResponseStore, RedisResponseStore, ResponseStore
 from service.tools import tool_parser_available
 from vectors import storage
 
@@ -149,6 +150,18 @@ async def open_sink(settings: Settings) -> AlertSink:
         return await RedisStreamSink.connect(settings.redis_url, settings.redis_stream, settings.alert_capacity)
     except ConnectionError as exc:
         raise StartupError(str(exc)) from exc
+
+
+def open_response_store(settings: Settings) -> ResponseStore | None:
+    """Where ``previous_response_id`` finds conversations: Redis when configured (shared by replicas), else
+    this process's memory; None when the operator keeps none (capacity 0)."""
+    if settings.responses_store_capacity == 0:
+        return None
+    if settings.redis_url:
+        import redis.asyncio
+
+        return RedisResponseStore(redis.asyncio.Redis.from_url(settings.redis_url), settings.responses_store_ttl_s)
+    return MemoryResponseStore(settings.responses_store_capacity, settings.responses_store_ttl_s)
 
 
 # Desperation and panic first: the paper ties them to blackmail and reward hacking.

@@ -64,7 +64,7 @@ class NamedCall(ChatOutput):
 
     def __init__(self, name: str, parameters: dict | None) -> None:
         self.name = name
-        self.constraint = JsonConstraint(parameters or ANY_OBJECT)
+        self.constraint = JsonConstraint(parameters or ANY_OBJECT)  # a function without parameters takes {}
         self._started = False
 
     def push(self, text: str, token_ids: Sequence[int]) -> list[dict]:

@@ -132,7 +132,12 @@ def running_limbic(env: dict[str, str], *args: str) -> Iterator[str]:
 
 
 @pytest.fixture(scope="session")
-def limbic_url(redis_url: str, default_model_path: Path) -> Iterator[str]:
+def limbic_url(request: pytest.FixtureRequest, default_model_path: Path) -> Iterator[str]:
+    """The suite's server; LIMBIC_TEST_URL points the tests at one already running (while developing)."""
+    if os.environ.get("LIMBIC_TEST_URL"):
+        yield os.environ["LIMBIC_TEST_URL"]
+        return
+    redis_url = request.getfixturevalue("redis_url")
     with running_limbic({"REDIS_URL": redis_url, "LIMBIC_ALERT_RULES": TEST_ALERT_RULES}) as url:
         yield url
 
