@@ -103,12 +103,9 @@ def test_errors_are_openai_shaped(client, limbic_url):
     # 8192 positions, one kept free under vLLM for the step that scores the last token (see vllm_engine).
     assert too_long.value.body["code"] == "context_length_exceeded"
     assert "is 8191 tokens" in too_long.value.body["message"]
-    with pytest.raises(openai.BadRequestError, match="tools"):
-        chat(
-            client,
-            "hi",
-            tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}],
-        )
+    with pytest.raises(openai.BadRequestError, match="tools") as legacy:  # legacy functions: use tools
+        chat(client, "hi", functions=[{"name": "f", "parameters": {}}])
+    assert legacy.value.body["param"] == "functions"
     raw = httpx.post(
         f"{limbic_url}/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"}
     )

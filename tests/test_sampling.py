@@ -100,3 +100,32 @@ def test_repetition_penalty_changes_the_output(engine):
     plain = tokens_of(generate(engine, max_tokens=12, temperature=0.0, ignore_eos=True))
     penalised = tokens_of(generate(engine, max_tokens=12, temperature=0.0, ignore_eos=True, repetition_penalty=1.8))
     assert plain != penalised
+
+
+def test_transformers_engine_serves_forced_tool_calls_n_and_logprobs_through_the_app(engine):
+    from fastapi.testclient import TestClient
+    from openai import OpenAI
+
+    from service.app import create_app
+    from service.config import Settings
+
+    tool = {"type": "function", "function": {"name": "plan", "parameters": SCHEMA}}
+    with TestClient(create_app(Settings(), engine)) as http:
+        client = OpenAI(base_url="http://testserver/v1", api_key="unused", http_client=http)
+        response = client.chat.completions.create(
+            model=engine.model_name,
+            messages=[{"role": "user", "content": "Plan a trip"}],
+            tools=[tool],
+            tool_choice={"type": "function", "function": {"name": "plan"}},
+            n=2,
+            temperature=1.0,
+            seed=1,
+            max_tokens=48,  # the tiny model's context is 256 tokens; the tool prompt takes about 200
+            logprobs=True,
+        )
+    assert len(response.choices) == 2
+    for choice in response.choices:
+        (call,) = choice.message.tool_calls
+        jsonschema.validate(json.loads(call.function.arguments), SCHEMA)  # a random model, held to the schema
+        assert choice.model_extra["limbic"]["choice"] == choice.index and choice.model_extra["limbic"]["generation"]
+    assert response.usage.completion_tokens == sum(len(c.logprobs.content) for c in response.choices)
