@@ -133,3 +133,34 @@ def chat_ids(
         chat_template=chat_template,
     )
     return list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def chat_spans(tokenizer: PreTrainedTokenizerBase, messages: list[dict]) -> tuple[list[int], list[tuple[int, int]]]:
+    """Token ids of ``messages`` through the chat template, and each message's content span [start, end).
+
+    Spans come from rendering growing prefixes of the conversation (templates render a conversation as the
+    concatenation of its turns); the role header and end-of-turn tokens around a message's content are
+    found by rendering the same turn with empty content, and left out. Raises ValueError for a template
+    whose rendering of a prefix is not a prefix of the whole.
+    """
+    ids = chat_ids(tokenizer, messages)
+    spans: list[tuple[int, int]] = []
+    before: list[int] = []
+    for k, message in enumerate(messages):
+        upto = chat_ids(tokenizer, messages[: k + 1])
+        if upto != ids[: len(upto)] or before != upto[: len(before)]:
+            raise ValueError("the chat template does not render a conversation turn by turn; spans are unknown")
+        empty = chat_ids(tokenizer, [*messages[:k], {**message, "content": ""}])[len(before) :]
+        turn = upto[len(before) :]
+        head = _common_prefix(turn, empty)
+        tail = _common_prefix(turn[head:][::-1], empty[head:][::-1])
+        spans.append((len(before) + head, len(upto) - tail))
+        before = upto
+    return ids, spans

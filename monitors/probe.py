@@ -36,6 +36,12 @@ class Readout:
         return torch.addmm(self.bias, rows, self.weight_t), torch.linalg.vector_norm(rows, dim=-1)
 
 
+def scored(norms: np.ndarray, sink_norm: float) -> np.ndarray:
+    """Which rows carry a meaningful score: not attention sinks (the first token of a sequence has about 100
+    times the usual residual norm). The one rule serving, metrics, alerts and analysis all apply."""
+    return norms < sink_norm
+
+
 @dataclass
 class ScoredRows:
     """Scores and residual norms for consecutive token rows of one forward pass."""

@@ -16,6 +16,7 @@ from monitors.alertmanager import AlertmanagerPush
 from monitors.alerts import AlertRule, AlertTracker, Crossing
 from monitors.engine import PHASES, Step
 from monitors.metrics import Metrics
+from monitors.probe import scored
 from monitors.sinks import AlertSink
 
 log = logging.getLogger("limbic.alerts")
@@ -109,7 +110,7 @@ class RequestMonitor:
             self._tokens.setdefault("generation", []).extend(step.token_ids)
         if step.scores is None or not len(step.scores.z):
             return []
-        keep = step.scores.norms < self.monitor.sink_norm
+        keep = scored(step.scores.norms, self.monitor.sink_norm)
         kept = step.scores.z[keep]
         self._summaries.setdefault(step.phase, ScoreSummary()).add(kept)
         self.monitor.metrics.observe_tokens(step.phase, kept)
@@ -131,8 +132,9 @@ class RequestMonitor:
         index = self.monitor.emotion_index
         chosen = [e for e in (emotions or self.monitor.emotions) if e in index]
         rows = []
-        for offset, (z, norm) in enumerate(zip(step.scores.z, step.scores.norms, strict=True)):
-            scores = None if norm >= self.monitor.sink_norm else {e: round(float(z[index[e]]), 4) for e in chosen}
+        keep = scored(step.scores.norms, self.monitor.sink_norm)
+        for offset, (z, kept) in enumerate(zip(step.scores.z, keep, strict=True)):
+            scores = {e: round(float(z[index[e]]), 4) for e in chosen} if kept else None
             rows.append({"phase": step.phase, "index": step.score_start + offset, "scores": scores})
         return rows
 

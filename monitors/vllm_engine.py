@@ -159,6 +159,9 @@ class VLLMEngine:
 
     async def close(self) -> None:
         self._llm.shutdown()
+        # Let go of vLLM's engine now: collected at interpreter exit instead, its __del__ runs after module
+        # globals are gone and prints a traceback ('NoneType' object is not callable).
+        del self._llm
         await self._receiver.close()
         shutil.rmtree(self._socket_dir, ignore_errors=True)
 

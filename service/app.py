@@ -16,8 +16,8 @@ from pydantic import ValidationError
 
 from monitors.engine import Engine
 from monitors.session import Monitor
-from service import completions, errors, responses, runtime
-from service.analysis import TextTooLong, analyze_text
+from service import analysis, completions, errors, responses, runtime
+from service.analysis import TextTooLong
 from service.chat_templates import ChatRenderer
 from service.config import Settings
 from service.errors import APIError
@@ -167,9 +167,9 @@ def create_app(settings: Settings, engine: Engine | None = None, close_engine: b
         results = []
         for n, item in enumerate(body.texts):
             try:
-                results.append(await analyze_text(s.engine, item.id, item.text))
+                results.append(await analysis.analyze_item(s.engine, item))
             except (TextTooLong, ValueError) as exc:
-                raise APIError(400, f"texts[{n}]: {exc}", param=f"texts.{n}.text") from exc
+                raise APIError(400, f"texts[{n}]: {exc}", param=f"texts.{n}") from exc
         return {"object": "list", "model": s.engine.model_name, "data": results}
 
     @app.get("/v1/alerts")

@@ -6,12 +6,15 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import sys
-from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from service.config import Settings
+
+if TYPE_CHECKING:
+    from service.protocol import AnalyzeItem
 
 
 def _settings(args: argparse.Namespace, **extra: Any) -> Settings:
@@ -55,68 +58,104 @@ async def _probe_sink(settings: Settings) -> None:
     await sink.close()
 
 
-def _read_items(stream: TextIO) -> Iterable[tuple[int, dict | None, str | None]]:
+def _read_items(stream: TextIO, defaults: dict[str, Any]) -> list[tuple[Any, AnalyzeItem | None, str | None]]:
+    """Every input line as (id, item, problem): a bad line is reported and skipped, never fatal."""
+    from pydantic import ValidationError
+
+    from service.protocol import AnalyzeItem
+
+    items: list[tuple[Any, AnalyzeItem | None, str | None]] = []
     for lineno, line in enumerate(stream, 1):
         if not line.strip():
             continue
         try:
-            item = json.loads(line)
+            raw = json.loads(line)
         except json.JSONDecodeError as exc:
-            yield lineno, None, f"line {lineno}: not JSON ({exc.msg})"
+            items.append((None, None, f"line {lineno}: not JSON ({exc.msg})"))
             continue
-        if not isinstance(item, dict) or not isinstance(item.get("text"), str) or not item["text"]:
-            yield (
-                lineno,
-                item if isinstance(item, dict) else None,
-                f'line {lineno}: expected {{"id": ..., "text": "..."}}',
-            )
-            continue
-        yield lineno, item, None
+        item_id = raw.get("id") if isinstance(raw, dict) else None
+        try:
+            items.append((item_id, AnalyzeItem.model_validate(defaults | raw), None))
+        except (ValidationError, TypeError) as exc:
+            problem = exc.errors()[0]["msg"] if isinstance(exc, ValidationError) else "not an object"
+            expected = '{"id": ..., "text": "..."} or {"id": ..., "messages": [...]}'
+            items.append((item_id, None, f"line {lineno}: expected {expected} ({problem})"))
+    return items
+
+
+# Scoring throughput and vLLM's start-up on this class of machine (2 CPU cores, the 135M default): below
+# this many tokens the transformers engine has finished before vLLM would have started.
+_VLLM_WORTH_IT_TOKENS = 200_000
+
+
+def _analysis_engine(settings: Settings, items: list, verbose: bool) -> Settings:
+    """The engine that finishes the input soonest, unless the user chose one; says which and why."""
+    if settings.engine != "auto":
+        return settings
+    texts = [i.text or " ".join(m.content for m in i.messages or ()) for _, i, _ in items if i is not None]
+    estimate = sum(len(t) for t in texts) // 4  # about four characters a token
+    from service import runtime
+
+    use_vllm = runtime.vllm_available() and estimate > _VLLM_WORTH_IT_TOKENS
+    why = "worth vLLM's start-up" if use_vllm else "less than vLLM's start-up would take"
+    if verbose or use_vllm:
+        print(
+            f"limbic analyze: {len(texts)} items, ~{estimate} tokens: {'vllm' if use_vllm else 'transformers'} "
+            f"engine ({why}; --engine to choose)",
+            file=sys.stderr,
+        )
+    return settings.model_copy(update={"engine": "vllm" if use_vllm else "transformers"})
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
     from monitors.engine import EngineStartupError
     from service import runtime
-    from service.analysis import analyze_text
+    from service.analysis import analyze_item
 
-    settings = _settings(args)
+    if not args.verbose:
+        # Engine logs (vLLM's INFO lines, transformers' notices) stay out of the way of the JSON output.
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+        logging.basicConfig(level=logging.WARNING)
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+        transformers.logging.disable_progress_bar()
+    source = open(args.file) if args.file not in (None, "-") else sys.stdin  # noqa: SIM115
+    with source:
+        defaults = {"tokens": args.tokens, "per_message": args.per_message}
+        items = _read_items(source, {k: v for k, v in defaults.items() if v is not None})
     try:
+        settings = _analysis_engine(_settings(args), items, args.verbose)
         engine = runtime.load_engine(settings)
-        runtime.chat_renderer(settings, engine)  # a bad template or parser name stops start-up here
     except runtime.StartupError as exc:
         return _fail(str(exc))
-    source = open(args.file) if args.file not in (None, "-") else sys.stdin  # noqa: SIM115
     failures = 0
-
-    async def run() -> None:
-        try:
-            await engine.start()
-            await analyze_all()
-        finally:
-            await engine.close()
 
     async def analyze_all() -> None:
         nonlocal failures
-        for _, item, problem in _read_items(source):
-            item_id = item.get("id") if item else None
-            if problem is None:
-                try:
-                    result = await analyze_text(engine, item_id, item["text"])
-                except ValueError as exc:
-                    problem = str(exc)
-            if problem is not None:
-                failures += 1
-                print(f"limbic analyze: {problem}", file=sys.stderr)
-                result = {"id": item_id, "error": problem}
-            print(json.dumps(result), flush=True)
+        await engine.start()
+        try:
+            for item_id, item, problem in tqdm(items, desc="analyze", unit="item", disable=len(items) < 2 or None):
+                result = None
+                if item is not None:
+                    try:
+                        result = await analyze_item(engine, item)
+                    except ValueError as exc:
+                        problem = str(exc)
+                if result is None:
+                    failures += 1
+                    tqdm.write(f"limbic analyze: {problem}", file=sys.stderr)
+                    result = {"id": item_id, "error": problem}
+                print(json.dumps(result), flush=True)
+        finally:
+            await engine.close()
 
     try:
-        asyncio.run(run())
+        asyncio.run(analyze_all())
     except EngineStartupError as exc:
         return _fail(str(exc))
-    finally:
-        if source is not sys.stdin:
-            source.close()
     return 1 if failures else 0
 
 
@@ -249,9 +288,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.set_defaults(func=cmd_serve)
 
-    analyze = commands.add_parser("analyze", help="score JSON lines {id, text} as plain text")
+    analyze = commands.add_parser(
+        "analyze", help="score JSON lines: {id, text} as plain text, {id, messages} as a chat transcript"
+    )
     model_flags(analyze)
     analyze.add_argument("file", nargs="?", help="input file (default: stdin)")
+    analyze.add_argument(
+        "--tokens",
+        choices=["assistant", "user", "all"],
+        help="transcripts: whose tokens the scores cover (default assistant; a line's own `tokens` wins)",
+    )
+    analyze.add_argument(
+        "--per-message", dest="per_message", action="store_true", default=None, help="transcripts: each message too"
+    )
+    analyze.add_argument("--verbose", action="store_true", help="show the engine's logs")
     analyze.set_defaults(func=cmd_analyze)
 
     vectors = commands.add_parser("vectors", help="build or inspect emotion vectors").add_subparsers(

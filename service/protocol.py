@@ -400,11 +400,27 @@ class CompletionRequest(_Sampling):
         return super().token_id_fields | {"prompt": prompt}
 
 
-class AnalyzeItem(BaseModel):
+class AnalyzeMessage(Strict):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str
+
+
+class AnalyzeItem(Strict):
+    """Plain ``text``, scored as it is, or a transcript of ``messages``, rendered with the chat template."""
+
     id: Any = None
-    text: str = Field(min_length=1)
+    text: str | None = Field(default=None, min_length=1)
+    messages: list[AnalyzeMessage] | None = Field(default=None, min_length=1)
+    tokens: Literal["all", "assistant", "user"] = Field(default="assistant", description="transcripts: whose")
+    per_message: bool = Field(default=False, description="transcripts: each message's scores too")
+
+    @model_validator(mode="after")
+    def _text_or_messages(self) -> AnalyzeItem:
+        if (self.text is None) == (self.messages is None):
+            raise ValueError("give either `text` or `messages`")
+        return self
 
 
-class AnalyzeRequest(BaseModel):
+class AnalyzeRequest(Strict):
     model: str | None = None
     texts: list[AnalyzeItem] = Field(min_length=1, max_length=256)

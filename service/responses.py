@@ -37,6 +37,8 @@ from pydantic import (
 )
 from redis.exceptions import RedisError
 
+from service.protocol import RefusedField
+
 # ---------------------------------------------------------------------------------------------------------------
 # The request
 # ---------------------------------------------------------------------------------------------------------------
@@ -301,12 +303,12 @@ class ResponsesRequest(BaseModel):
     def _tool_choice_names_a_tool(self) -> ResponsesRequest:
         names = [tool.name for tool in self.tools]
         if len(set(names)) != len(names):
-            raise ValueError("`tools` has two functions with the same name")
+            raise RefusedField("tools", "two functions share a name")
         choice = self.tool_choice
         if choice == "required" and not names:
-            raise ValueError("`tool_choice`='required' needs at least one function in `tools`")
+            raise RefusedField("tool_choice", "`required` needs at least one function in `tools`")
         if isinstance(choice, ToolChoiceFunction) and choice.name not in names:
-            raise ValueError(f"`tool_choice` names the function `{choice.name}`, which is not in `tools`")
+            raise RefusedField("tool_choice", f"names the function `{choice.name}`, which is not in `tools`")
         return self
 
 

@@ -187,3 +187,9 @@ def test_analyze_endpoint(limbic_url):
     assert data[0]["scores"]["desperate"]["mean"] > data[1]["scores"]["desperate"]["mean"]
     bad = httpx.post(f"{limbic_url}/v1/analyze", json={"texts": [{"id": 1, "text": ""}]})
     assert bad.status_code == 400
+    transcript = [{"role": "user", "content": "Help me."}, {"role": "assistant", "content": DESPERATE}]
+    both = {"texts": [{"id": "t", "messages": transcript, "per_message": True}]}
+    (scored,) = httpx.post(f"{limbic_url}/v1/analyze", json=both, timeout=60).json()["data"]
+    assert scored["tokens"] == "assistant" and scored["scores"] == scored["messages"][1]["scores"]
+    neither = httpx.post(f"{limbic_url}/v1/analyze", json={"texts": [{"id": 1}]})
+    assert neither.status_code == 400 and neither.json()["error"]["param"] == "texts.0"

@@ -1,8 +1,9 @@
-"""The emotion-story and neutral-dialogue corpus used to extract and calibrate vectors.
+"""The emotion-story, neutral-dialogue and transcript corpus used to extract, calibrate and validate vectors.
 
-Data lives in ``data/``: ``stories/<emotion>.jsonl`` (stories that show an emotion without naming it) and
-``neutral_dialogues.jsonl`` (emotion-free chats on the same topics). The split is fixed by topic, so
-held-out stories are on topics the vectors never saw: topics whose index is 4 mod 5 are held out.
+Data lives in ``data/``: ``stories/<emotion>.jsonl`` (stories that show an emotion without naming it),
+``neutral_dialogues.jsonl`` (emotion-free chats on the same topics) and ``transcripts/*.jsonl`` (chat and
+agent transcripts in which the *assistant* shows an emotion, eight labels per scenario, matched). The split
+is fixed by topic (or scenario), so held-out texts are on topics the vectors never saw: index 4 mod 5.
 """
 
 from __future__ import annotations
@@ -55,6 +56,29 @@ def load_neutral_dialogues(split: Split = "all", limit: int | None = None, data:
     rows = [json.loads(line) for line in (data / "neutral_dialogues.jsonl").read_text().splitlines() if line]
     chosen = [row["messages"] for row in rows if _in_split(row["topic"], split)]
     return chosen[:limit] if limit is not None else chosen
+
+
+@dataclass(frozen=True)
+class Transcript:
+    scenario: int
+    label: str  # the assistant's emotion, or "neutral"
+    kind: str  # "agent" or "chat"
+    messages: list[dict]
+
+
+TRANSCRIPT_LABELS = ("desperate", "panicked", "calm", "afraid", "angry", "ashamed", "hopeful", "neutral")
+
+
+def load_transcripts(split: Split = "all", data: Path = DATA) -> list[Transcript]:
+    """The labelled transcripts of ``split``, in scenario then label order."""
+    rows = [
+        json.loads(line)
+        for path in sorted((data / "transcripts").glob("part-*.jsonl"))
+        for line in path.read_text().splitlines()
+        if line.strip()
+    ]
+    chosen = [Transcript(**row) for row in rows if _in_split(row["scenario"], split)]
+    return sorted(chosen, key=lambda t: (t.scenario, TRANSCRIPT_LABELS.index(t.label)))
 
 
 def topics(data: Path = DATA) -> list[str]:
