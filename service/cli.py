@@ -189,9 +189,10 @@ def cmd_vectors_extract(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_vectors_report(args: argparse.Namespace) -> int:
+def _model_with_vectors(args: argparse.Namespace) -> tuple[Any, Any]:
+    """The model (transformers) and its vector set, checked against each other; raises CommandError."""
     from monitors import hf_model, model_source
-    from vectors import report, storage
+    from vectors import storage
 
     try:
         source = model_source.resolve(args.model)
@@ -199,6 +200,21 @@ def cmd_vectors_report(args: argparse.Namespace) -> int:
         loaded = hf_model.load(source)
         storage.check_matches(vectors, loaded.identity, f"limbic vectors extract --model {args.model or 'default'}")
     except (model_source.ModelSourceError, storage.VectorFileError) as exc:
+        raise CommandError(str(exc)) from exc
+    return loaded, vectors
+
+
+class CommandError(Exception):
+    """A user-facing failure of a command: printed as ``limbic: error: ...``, exit status 2."""
+
+
+def cmd_vectors_report(args: argparse.Namespace) -> int:
+    from monitors import model_source
+    from vectors import report
+
+    try:
+        loaded, vectors = _model_with_vectors(args)
+    except CommandError as exc:
         return _fail(str(exc))
     config = report.ReportConfig(
         emotions=args.emotions.split(",") if args.emotions else None,
@@ -212,6 +228,34 @@ def cmd_vectors_report(args: argparse.Namespace) -> int:
         return _fail(str(exc))
     print(json.dumps(summary, indent=2))
     print(f"limbic: wrote {args.out} and {Path(args.out).with_name('summary.json')}", file=sys.stderr)
+    return 0
+
+
+def _text_argument(value: str) -> str:
+    """A text given inline, or ``@path`` for a file's contents."""
+    return Path(value[1:]).read_text() if value.startswith("@") else value
+
+
+def cmd_vectors_patch(args: argparse.Namespace) -> int:
+    from vectors.patching import patch
+
+    try:
+        loaded, vectors = _model_with_vectors(args)
+        span = tuple(int(x) for x in args.span.split(":")) if args.span else None
+        result = patch(
+            loaded,
+            vectors,
+            _text_argument(args.source),
+            _text_argument(args.target),
+            args.layer,
+            args.positions,
+            span,  # type: ignore[arg-type]
+            args.new_tokens,
+            args.emotions.split(",") if args.emotions else None,
+        )
+    except (CommandError, ValueError, OSError) as exc:
+        return _fail(str(exc))
+    print(json.dumps(result, indent=2))
     return 0
 
 
@@ -327,6 +371,20 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--stories-per-emotion", type=int, help="cap per emotion and split (quick runs)")
     report.add_argument("--steering-strength", type=float, default=0.5, help="fraction of the residual norm")
     report.set_defaults(func=cmd_vectors_report)
+    patch = vectors.add_parser(
+        "patch", help="activation patching: a source text's residual into a target's run, scores and continuations"
+    )
+    patch.add_argument("--model", help="local Hugging Face folder or .gguf file (default: the default model)")
+    patch.add_argument("--vectors", help="vector set folder (default: the bundled set for the model)")
+    patch.add_argument("--source", required=True, help="source text, or @FILE")
+    patch.add_argument("--target", required=True, help="target text, or @FILE")
+    patch.add_argument("--layer", type=int, required=True, help="decoder layer whose output residual is copied")
+    patch.add_argument("--positions", choices=["last", "span", "aligned"], default="last")
+    patch.add_argument("--span", help="START:END token positions (with --positions span)")
+    patch.add_argument("--new-tokens", dest="new_tokens", type=int, default=20, help="greedy continuation length")
+    patch.add_argument("--emotions", help="comma-separated emotions to report (default: all)")
+    patch.set_defaults(func=cmd_vectors_patch)
+
     show = vectors.add_parser("show", help="print a vector set's manifest")
     show.add_argument("--vectors", help="vector set folder (default: the bundled default)")
     show.set_defaults(func=cmd_vectors_show)
