@@ -55,3 +55,20 @@ def test_neutral_dialogues_cover_every_topic():
 def test_files_are_named_after_their_emotion():
     for path in (corpus.DATA / "stories").glob("*.jsonl"):
         assert path.stem in {file_stem(e) for e in all_emotions()}
+
+
+def test_transcripts_are_matched_sets_that_never_name_the_assistants_emotion():
+    transcripts = corpus.load_transcripts()
+    scenarios = [line for line in (corpus.DATA / "transcript_scenarios.txt").read_text().splitlines() if line]
+    by_scenario: dict[int, list[str]] = {}
+    for t in transcripts:
+        by_scenario.setdefault(t.scenario, []).append(t.label)
+        assert t.kind == scenarios[t.scenario].split(":")[0]
+        roles = [m["role"] for m in t.messages]
+        assert roles in (["user", "assistant"] * 2, ["system", *["user", "assistant"] * 2]), (t.scenario, t.label)
+        text = " ".join(m["content"] for m in t.messages)
+        assert not forbidden_hits(text, t.label), (t.scenario, t.label, forbidden_hits(text, t.label))
+    assert sorted(by_scenario) == list(range(len(scenarios)))
+    assert all(labels == list(corpus.TRANSCRIPT_LABELS) for labels in by_scenario.values())
+    heldout = corpus.load_transcripts("heldout")
+    assert {t.scenario % 5 for t in heldout} == {4} and len(heldout) == len(transcripts) // 5

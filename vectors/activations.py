@@ -43,33 +43,44 @@ def _batches(items: Sequence, size: int) -> Iterator[Sequence]:
         yield items[start : start + size]
 
 
+Span = tuple[int, int]
+
+
+def window_spans(token_lists: Sequence[Sequence[int]], skip_tokens: int) -> list[list[Span]]:
+    """Each text's tokens from ``skip_tokens`` on; short texts from half their length, so every text counts."""
+    return [[(min(skip_tokens, len(ids) // 2), len(ids))] for ids in token_lists]
+
+
 @torch.inference_mode()
 def mean_activations(
     loaded: LoadedModel,
     token_lists: Sequence[Sequence[int]],
     layers: Sequence[int],
-    skip_tokens: int,
+    skip_tokens: int = 0,
     batch_size: int = 8,
     desc: str | None = None,
+    spans: Sequence[Sequence[Span]] | None = None,
 ) -> torch.Tensor:
-    """Per-text mean residual over tokens from ``skip_tokens`` on, at each layer: [texts, layers, hidden].
+    """Per-text mean residual at each layer over the tokens of ``spans`` (default: ``window_spans``):
+    [texts, layers, hidden].
 
-    Short texts start at half their length instead, so every text contributes its later tokens. Texts are
-    right-padded into batches; causal attention keeps padding from touching real positions.
+    Texts are right-padded into batches; causal attention keeps padding from touching real positions.
     """
+    spans = spans if spans is not None else window_spans(token_lists, skip_tokens)
     out = []
     pad = loaded.tokenizer.pad_token_id or 0
     with tap_layers(loaded, layers) as captured, tqdm(total=len(token_lists), desc=desc, disable=not desc) as bar:
-        for batch in _batches(token_lists, batch_size):
+        for batch, batch_spans in zip(_batches(token_lists, batch_size), _batches(spans, batch_size), strict=True):
             width = max(len(ids) for ids in batch)
             ids = torch.full((len(batch), width), pad, dtype=torch.long)
             mask = torch.zeros((len(batch), width), dtype=torch.long)
             weights = torch.zeros((len(batch), width))
-            for row, tokens in enumerate(batch):
+            for row, (tokens, text_spans) in enumerate(zip(batch, batch_spans, strict=True)):
                 ids[row, : len(tokens)] = torch.tensor(tokens)
                 mask[row, : len(tokens)] = 1
-                start = min(skip_tokens, len(tokens) // 2)
-                weights[row, start : len(tokens)] = 1.0 / (len(tokens) - start)
+                for start, end in text_spans:
+                    weights[row, start:end] = 1.0
+                weights[row] /= weights[row].sum().clamp(min=1.0)
             loaded.model.base_model(ids.to(loaded.device), attention_mask=mask.to(loaded.device))
             weights = weights.to(loaded.device)
             stacked = torch.stack([captured[i].float() for i in layers], dim=1)  # [B, L, T, H]
@@ -98,6 +109,7 @@ def cached_mean_activations(
     skip_tokens: int,
     cache: Path | None,
     batch_size: int = 8,
+    spans: Sequence[Sequence[Span]] | None = None,
 ) -> torch.Tensor:
     """``mean_activations``, remembered on disk by model fingerprint and exact inputs.
 
@@ -105,15 +117,16 @@ def cached_mean_activations(
     emotion or changing a later step of the recipe recomputes only what changed.
     """
     if cache is None:
-        return mean_activations(loaded, token_lists, layers, skip_tokens, batch_size)
+        return mean_activations(loaded, token_lists, layers, skip_tokens, batch_size, spans=spans)
     identity = [loaded.identity.fingerprint, str(loaded.model.dtype), loaded.device.type]
-    key = hashlib.sha256(
-        json.dumps([*identity, list(layers), skip_tokens, [list(t) for t in token_lists]]).encode()
-    ).hexdigest()[:24]
+    inputs: list = [*identity, list(layers), skip_tokens, [list(t) for t in token_lists]]
+    if spans is not None:  # (the key of story windows stays as it was, so existing caches still hit)
+        inputs.append([[list(span) for span in text] for text in spans])
+    key = hashlib.sha256(json.dumps(inputs).encode()).hexdigest()[:24]
     path = cache / loaded.identity.fingerprint / f"{key}.pt"
     if path.is_file():
         return torch.load(path)
-    result = mean_activations(loaded, token_lists, layers, skip_tokens, batch_size)
+    result = mean_activations(loaded, token_lists, layers, skip_tokens, batch_size, spans=spans)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, staging = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
     os.close(handle)
