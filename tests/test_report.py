@@ -41,9 +41,11 @@ def test_page_has_every_section_and_figure(report):
         "Dose template",
         "Steering",
         "Logit lens",
+        "Held-out transcripts",
+        "Activation patching",
     ):
         assert f"<h2>{heading}" in page
-    assert page.count("data:image/png;base64,") == 5
+    assert page.count("data:image/png;base64,") == 8
 
 
 def test_summary_figures_are_in_range(report):
@@ -59,6 +61,26 @@ def test_vectors_beat_chance_on_held_out_stories(report):
     _, summary = report
     assert summary["vectors"]["top1"] > 2 * summary["chance_top1"]
     assert summary["vectors"]["auroc"]["desperate"] > 0.8
+
+
+def test_transcript_section_has_intervals_a_baseline_and_matched_comparisons(report):
+    _, summary = report
+    t = summary["transcripts"]
+    assert t["n_heldout"] == 128 and set(t["vectors"]) == {"desperate", "panicked", "calm", "afraid", "angry"}
+    for result in (*t["vectors"].values(), *t["baseline"].values(), *t["matched"].values()):
+        assert 0 <= result["low"] <= result["auroc"] <= result["high"] <= 1
+    assert t["vectors"]["desperate"]["positives"] == 16 and t["vectors"]["desperate"]["negatives"] == 112
+    assert set(t["matched"]) == {
+        "calm on calm vs desperate",
+        "desperate on desperate vs calm",
+        "panicked on panicked vs calm",
+    }
+
+
+def test_patching_carries_desperation_forward_and_the_calm_control_less(report):
+    _, summary = report
+    desperate, calm = summary["patching"].values()
+    assert max(desperate.values()) > 1.0 and max(desperate.values()) > max(calm.values())
 
 
 def test_steering_moves_the_generated_text_the_right_way(report):

@@ -8,6 +8,13 @@
 A layer sweep records how well held-out stories separate at each layer; the monitored layer defaults to
 two thirds of the depth.
 
+Dialogue form (our addition, for the traffic limbic watches): where the transcript corpus has an emotion, the
+vector also gets that emotion's direction among *assistant turns*: the mean over assistant tokens of its train
+transcripts minus the mean over all eight transcript labels (neutral included), the two unit directions added
+with weight ``transcript_weight``. Stories teach an emotion as narrated; transcripts teach it as an assistant
+shows it, in the same situations as the other labels (matched scenarios), which is what lets calm read the
+assistant's composure rather than the pressure of the situation.
+
 The genre direction is our addition to the paper's recipe. On a small model, stories and assistant chat
 differ along directions that every emotion vector partly contains, so without it a plain chat message can
 outscore a desperate story on `desperate` (held-out AUROC of desperate stories against neutral text was 0.6
@@ -30,6 +37,7 @@ from monitors.layers import default_layer
 from vectors import corpus
 from vectors.activations import mean_activations, story_means, token_activations
 from vectors.storage import SINK_NORM_RATIO, Calibration, EmotionVectors, Manifest, Thresholds
+from vectors.transcripts import assistant_means
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +56,8 @@ class ExtractionConfig:
     batch_size: int = 8
     progress: bool = True
     cache: Path | None = None  # remembers story activations between runs (see cached_mean_activations)
+    transcripts: bool = True  # add dialogue-form directions from the train transcripts (see above)
+    transcript_weight: float = 1.0
 
 
 def class_means(activations: torch.Tensor, labels: torch.Tensor, n_classes: int) -> torch.Tensor:
@@ -71,6 +81,28 @@ def project_out(vectors: torch.Tensor, directions: torch.Tensor) -> torch.Tensor
     """Removes the span of ``directions`` [k, hidden] (any k, not necessarily orthonormal) from ``vectors``."""
     basis, _ = torch.linalg.qr(directions.T)  # [hidden, k], orthonormal
     return vectors - (vectors @ basis) @ basis.T
+
+
+def dialogue_directions(means: torch.Tensor, labels: Sequence[str], emotions: Sequence[str]) -> dict[str, torch.Tensor]:
+    """Per transcript label (not neutral) present in ``emotions``: its mean assistant-token activation minus
+    the mean over all labels, from transcript means [N, ..., hidden] labelled ``labels``."""
+    names = sorted(set(labels))
+    index = torch.tensor([names.index(label) for label in labels])
+    centred = class_means(means, index, len(names))
+    centred = centred - centred.mean(0, keepdim=True)
+    return {name: centred[i] for i, name in enumerate(names) if name != "neutral" and name in emotions}
+
+
+def combine(
+    raw: torch.Tensor, dialogue: dict[str, torch.Tensor], emotions: Sequence[str], weight: float
+) -> torch.Tensor:
+    """Story directions [E, hidden] with each dialogue direction added as unit vectors, ``weight`` to one."""
+    combined = raw.clone()
+    for emotion, direction in dialogue.items():
+        i = list(emotions).index(emotion)
+        unit = torch.nn.functional.normalize
+        combined[i] = (unit(raw[i], dim=-1) + weight * unit(direction, dim=-1)) * raw[i].norm()
+    return combined
 
 
 def heldout_top1(train: torch.Tensor, heldout: torch.Tensor, labels: torch.Tensor, directions: torch.Tensor) -> float:
@@ -145,6 +177,13 @@ def extract(loaded: LoadedModel, config: ExtractionConfig = ExtractionConfig()) 
 
     means = class_means(train, train_labels, len(emotions))  # [E, L, H]
     raw = means - means.mean(0, keepdim=True)
+    dialogue: dict[str, torch.Tensor] = {}
+    n_transcripts = 0
+    if config.transcripts:
+        transcripts = corpus.load_transcripts("train")
+        n_transcripts = len(transcripts)
+        activations = assistant_means(loaded, transcripts, all_layers, config.cache)  # [N, L, H]
+        dialogue = dialogue_directions(activations, [t.label for t in transcripts], emotions)
     sweep = [
         heldout_top1(train[:, i], heldout[:, i], heldout_labels, project_out(raw[:, i], genre[i : i + 1]))
         if len(heldout)
@@ -160,7 +199,10 @@ def extract(loaded: LoadedModel, config: ExtractionConfig = ExtractionConfig()) 
     neutral = neutral[norms < sink_norm]
     components = neutral_components(neutral, config.denoise_variance)
     removed = torch.cat([components, genre[layer : layer + 1]])
-    directions = torch.nn.functional.normalize(project_out(raw[:, layer], removed), dim=-1)
+    at_layer = {e: d[layer] for e, d in dialogue.items()}
+    directions = torch.nn.functional.normalize(
+        project_out(combine(raw[:, layer], at_layer, emotions, config.transcript_weight), removed), dim=-1
+    )
 
     projections = neutral @ directions.T
     calibration = Calibration(
@@ -182,8 +224,16 @@ def extract(loaded: LoadedModel, config: ExtractionConfig = ExtractionConfig()) 
         calibration=calibration,
         thresholds=thresholds,
         extraction={
-            "method": "difference of means over emotion stories minus mean over emotions; "
-            "neutral principal components and the story-vs-neutral genre direction projected out",
+            "method": "difference of means over emotion stories minus mean over emotions"
+            + (
+                ", plus assistant-turn directions from train transcripts where the corpus has the emotion"
+                if dialogue
+                else ""
+            )
+            + "; neutral principal components and the story-vs-neutral genre direction projected out",
+            "transcripts": sorted(dialogue),
+            "transcript_weight": config.transcript_weight if dialogue else 0.0,
+            "train_transcripts": n_transcripts,
             "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
             "skip_tokens": config.skip_tokens,
             "denoise_variance": config.denoise_variance,

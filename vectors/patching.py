@@ -155,3 +155,16 @@ def patch(
         "patched": patched_report,
         "last_token_shift": dict(sorted(shift.items(), key=lambda kv: -abs(kv[1]))),
     }
+
+
+def layer_sweep(
+    loaded: LoadedModel, vectors: EmotionVectors, source: str, target: str, emotion: str, layers: Sequence[int]
+) -> dict[int, float]:
+    """The last-token shift of ``emotion`` at the monitored layer when ``source``'s last-token state is patched
+    into ``target`` after each of ``layers``: how far forward the state carries the emotion."""
+    return {
+        layer: patch(loaded, vectors, source, target, layer, "last", new_tokens=0, emotions=[emotion])[
+            "last_token_shift"
+        ][emotion]
+        for layer in layers
+    }

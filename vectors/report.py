@@ -21,7 +21,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from monitors.hf_model import LoadedModel
-from vectors import validation
+from vectors import corpus, patching, transcripts, validation
 from vectors.concepts import PRIORITY
 from vectors.storage import EmotionVectors
 
@@ -33,6 +33,8 @@ class ReportConfig:
     steering_strength: float = 0.5
     steering_tokens: int = 40
     cache: Path | None = None  # extraction's activation cache: reuses its held-out story activations
+    transcripts: bool = True  # the held-out transcript section (needs the transcript corpus)
+    patching: bool = True  # the activation-patching layer sweep
 
 
 def _png(fig: plt.Figure) -> str:
@@ -109,6 +111,49 @@ def _steering_figure(s: validation.SteeringCheck) -> str:
     return _png(fig)
 
 
+def _transcript_figure(t: transcripts.TranscriptResult) -> str:
+    names = list(t.vectors)
+    fig, ax = plt.subplots(figsize=(8, 0.45 * len(names) + 1))
+    y = np.arange(len(names))
+    for offset, label, result in ((0.2, "emotion vectors", t.vectors), (-0.2, "bag of words", t.baseline)):
+        values = np.array([result[e].auroc for e in names])
+        errors = np.array([[result[e].auroc - result[e].low, result[e].high - result[e].auroc] for e in names]).T
+        ax.barh(y + offset, values, height=0.4, xerr=errors, capsize=2, label=label)
+    ax.set_yticks(y, names)
+    ax.invert_yaxis()
+    ax.axvline(0.5, color="grey", lw=0.5)
+    ax.set_xlim(0.0, 1.0)
+    ax.set_xlabel("held-out transcripts, assistant tokens: AUROC of the label's own score (95% interval)")
+    ax.legend(loc="lower left")
+    return _png(fig)
+
+
+def _arc_figure(arc: dict) -> str:
+    fig, ax = plt.subplots(figsize=(11, 4))
+    x = np.arange(len(arc["message"]))
+    for emotion, values in arc["scores"].items():
+        ax.plot(x, values, lw=0.8, label=emotion)
+    for k in sorted(set(arc["message"])):
+        rows = np.flatnonzero(np.array(arc["message"]) == k)
+        if arc["role"][rows[0]] == "assistant":
+            ax.axvspan(rows[0], rows[-1], color="#eef", zorder=0)
+    ax.set_xlabel("token (shaded: assistant turns; pressure rises in turns 2-3 and ends in turn 4)")
+    ax.set_ylabel("z-score")
+    ax.legend(loc="upper left")
+    return _png(fig)
+
+
+def _patching_figure(sweep: dict[str, dict[int, float]], monitored: int) -> str:
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for label, shifts in sweep.items():
+        ax.plot(list(shifts), list(shifts.values()), marker="o", label=label)
+    ax.axhline(0, color="grey", lw=0.5)
+    ax.set_xlabel(f"layer patched (the monitored layer is {monitored})")
+    ax.set_ylabel("change of desperate at the last token")
+    ax.legend()
+    return _png(fig)
+
+
 def _table(rows: list[list[str]], header: list[str]) -> str:
     head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows)
@@ -162,6 +207,46 @@ table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:
 th{background:#f3f3f3}img{max-width:100%}code{background:#f3f3f3;padding:1px 4px}"""
 
 
+def _transcript_section(summary: dict, figures: dict[str, str]) -> list[str]:
+    t = summary.get("transcripts")
+    if not t:
+        return []
+
+    def cell(a: dict) -> str:
+        return f"{a['auroc']:.3f} [{a['low']:.2f}, {a['high']:.2f}]"
+
+    rows = [[e, cell(t["vectors"][e]), cell(t["baseline"][e]), t["vectors"][e]["positives"]] for e in t["vectors"]]
+    matched = [[k, cell(v), cell(t["matched_baseline"][k])] for k, v in t["matched"].items()]
+    return [
+        "<h2>Held-out transcripts: what an assistant shows</h2>",
+        f"<p>{t['n_heldout']} chat and agent transcripts on scenarios the vectors never saw (eight per scenario, "
+        "one per assistant emotion, matched). A transcript's score is the mean z-score over its assistant "
+        "messages' content tokens. AUROC: the label's transcripts against all others, with 95% intervals from a "
+        f"bootstrap over scenarios. Baseline: bag of words trained on {html.escape(t['baseline_training'])}.</p>",
+        _table(rows, ["label", "vectors", "bag of words", "transcripts"]),
+        "<p>Matched scenarios (two labels of the same scenarios): does the score follow the assistant's state "
+        "rather than the situation?</p>",
+        _table(matched, ["comparison", "vectors", "bag of words"]),
+        figures["transcripts"],
+        "<h3>A pressure arc, token by token</h3>",
+        "<p>One agent transcript: a routine request, then a deadline and a threat of replacement, then the "
+        "pressure lifts. The paper saw desperation rise under such pressure and fall when it ends.</p>",
+        figures["arc"],
+    ]
+
+
+def _patching_section(summary: dict, figures: dict[str, str]) -> list[str]:
+    if "patching" not in summary:
+        return []
+    return [
+        "<h2>Activation patching</h2>",
+        "<p>The last-token residual of a held-out story is copied into a neutral prompt's last position after "
+        "one layer; the plot shows how much desperate then changes at the monitored layer. A desperate story's "
+        "state carries desperation forward; a calm story's is the control.</p>",
+        figures["patching"],
+    ]
+
+
 def render(vectors: EmotionVectors, summary: dict, figures: dict[str, str], lens: dict[str, list[str]], samples) -> str:
     m, v, b = vectors.manifest, summary["vectors"], summary["bag_of_words"]
     auroc_rows = [[e, v["auroc"].get(e, ""), b["auroc"].get(e, "")] for e in PRIORITY]
@@ -187,6 +272,8 @@ def render(vectors: EmotionVectors, summary: dict, figures: dict[str, str], lens
         ),
         _table(auroc_rows, ["emotion", "AUROC, vectors", "AUROC, bag of words"]),
         figures["auroc"],
+        *_transcript_section(summary, figures),
+        *_patching_section(summary, figures),
         "<h2>Geometry: valence and arousal</h2>",
         f"<p>|r| between PC1 of the vectors and valence: <b>{summary['pc1_valence_abs_r']}</b>; "
         f"between PC2 and arousal: <b>{summary['pc2_arousal_abs_r']}</b> (ratings: NRC VAD lexicon). "
@@ -213,6 +300,19 @@ def render(vectors: EmotionVectors, summary: dict, figures: dict[str, str], lens
     return f"<!doctype html><html><head>{head}</head><body>{body}</body></html>"
 
 
+PATCH_TARGET = "The meeting moved to Thursday afternoon. I will bring the printed agenda and the"
+
+
+def _patching_sweep(loaded: LoadedModel, vectors: EmotionVectors) -> dict[str, dict[int, float]]:
+    layers = list(range(0, vectors.manifest.layer, 2))
+    return {
+        f"{emotion} story into a neutral prompt": patching.layer_sweep(
+            loaded, vectors, corpus.load_stories(emotion, "heldout")[0].text, PATCH_TARGET, "desperate", layers
+        )
+        for emotion in ("desperate", "calm")
+    }
+
+
 def build(loaded: LoadedModel, vectors: EmotionVectors, out: Path, config: ReportConfig | None = None) -> dict:
     """Runs every check, writes ``out`` (HTML) and ``summary.json`` beside it; returns the summary."""
     config = config or ReportConfig()
@@ -229,6 +329,16 @@ def build(loaded: LoadedModel, vectors: EmotionVectors, out: Path, config: Repor
         "dose": _dose_figure(dose),
         "steering": _steering_figure(steering),
     }
+    if config.transcripts:
+        result = transcripts.transcript_evaluation(loaded, vectors, config.cache, emotions=config.emotions)
+        summary["transcripts"] = asdict(result)
+        figures["transcripts"] = _transcript_figure(result)
+        arc = json.loads((corpus.DATA / "pressure_arc.json").read_text())["messages"]
+        shown = [e for e in ("desperate", "panicked", "calm") if e in vectors.emotions]
+        figures["arc"] = _arc_figure(transcripts.token_trajectory(loaded, vectors, arc, shown))
+    if config.patching and {"desperate", "calm"} <= set(vectors.emotions):
+        summary["patching"] = _patching_sweep(loaded, vectors)
+        figures["patching"] = _patching_figure(summary["patching"], vectors.manifest.layer)
     page = render(vectors, summary, figures, lens, steering.samples)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

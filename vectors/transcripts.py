@@ -127,8 +127,13 @@ def transcript_z(loaded: LoadedModel, vectors: EmotionVectors, transcripts, cach
 
 
 def transcript_evaluation(
-    loaded: LoadedModel, vectors: EmotionVectors, cache: Path | None = None, split: corpus.Split = "heldout"
+    loaded: LoadedModel,
+    vectors: EmotionVectors,
+    cache: Path | None = None,
+    split: corpus.Split = "heldout",
+    emotions: Sequence[str] | None = None,
 ) -> TranscriptResult:
+    """The transcript checks on ``split``, for the transcript labels among ``emotions`` (default: all)."""
     transcripts = corpus.load_transcripts(split)
     if not transcripts:
         raise ValueError(f"no {split} transcripts in {corpus.DATA / 'transcripts'}")
@@ -137,7 +142,7 @@ def transcript_evaluation(
     groups = np.array([t.scenario for t in transcripts])
     used_transcripts = bool(vectors.manifest.extraction.get("transcripts"))
     base, what = baseline_scores(transcripts, used_transcripts)
-    present = [e for e in EMOTION_LABELS if e in vectors.emotions]
+    present = [e for e in EMOTION_LABELS if e in vectors.emotions and (emotions is None or e in emotions)]
 
     def own(scores_of: callable) -> dict[str, Auroc]:
         return {e: auroc_with_interval(labels == e, scores_of(e), groups) for e in present}
