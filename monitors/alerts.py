@@ -69,9 +69,10 @@ class AlertTracker:
 
     def observe(self, z: np.ndarray, phase: str, start: int, keep: np.ndarray) -> list[Crossing]:
         """``z`` [tokens, emotions] for positions ``start..``; rows where ``keep`` is False are skipped."""
-        if phase != self._phase:  # a run does not span the prompt/generation boundary
-            for state in self._state.values():
-                state.run = 0
+        if phase != self._phase:
+            # Each phase starts afresh: a run does not span the boundary, and a prompt's raised alert must not
+            # mute the generation's (the model's own state is what the generation alerts are about).
+            self._state.clear()
             self._phase = phase
         crossings = []
         for emotion, rule in self.rules.items():

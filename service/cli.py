@@ -177,6 +177,8 @@ def cmd_vectors_extract(args: argparse.Namespace) -> int:
         stories_per_emotion=args.stories_per_emotion,
         neutral_dialogues=args.neutral_dialogues,
         cache=None if args.no_cache else model_source.cache_dir() / "activations",
+        transcripts=not args.no_transcripts,
+        transcript_weight=args.transcript_weight,
     )
     try:
         vectors = extract(loaded, config)
@@ -362,6 +364,15 @@ def build_parser() -> argparse.ArgumentParser:
     extract.add_argument("--stories-per-emotion", type=int, help="cap per emotion and split (quick runs)")
     extract.add_argument("--neutral-dialogues", type=int, help="cap on neutral dialogues (quick runs)")
     extract.add_argument("--no-cache", action="store_true", help="recompute story activations (no disk cache)")
+    extract.add_argument(
+        "--no-transcripts", action="store_true", help="stories only: no assistant-turn directions from transcripts"
+    )
+    extract.add_argument(
+        "--transcript-weight",
+        type=float,
+        default=0.5,
+        help="weight of the assistant-turn direction against the story direction (default 0.5, from the study)",
+    )
     extract.set_defaults(func=cmd_vectors_extract)
     report = vectors.add_parser("report", help="validate a vector set and write an HTML report with figures")
     report.add_argument("--model", help="local Hugging Face folder or .gguf file (default: the default model)")

@@ -52,6 +52,15 @@ def test_runs_do_not_span_phases():
     assert len(tracker.observe(high, "generation", 1, keep)) == 1
 
 
+def test_a_prompt_alert_does_not_mute_the_generation():
+    tracker = AlertTracker({"desperate": AlertRule(warning=2.0, min_tokens=1, hysteresis=1.0)}, INDEX)
+    high = np.full((1, 2), 3.0, np.float32)
+    keep = np.ones(1, bool)
+    assert [c.phase for c in tracker.observe(high, "prompt", 5, keep)] == ["prompt"]
+    # The generation's first token stays high (never below the hysteresis band), and still raises its own alert.
+    assert [c.phase for c in tracker.observe(high, "generation", 0, keep)] == ["generation"]
+
+
 def test_rules_for_unknown_emotions_are_ignored_and_bad_rules_refused():
     assert AlertTracker({"bored": AlertRule(warning=1.0)}, INDEX).rules == {}
     with pytest.raises(ValidationError, match="critical"):

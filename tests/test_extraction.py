@@ -79,3 +79,24 @@ def test_layer_choice():
 def test_unknown_emotion_is_refused(tiny):
     with pytest.raises(ValueError, match="no stories"):
         extract(tiny, ExtractionConfig(emotions=["desperate", "bliss"], progress=False))
+
+
+def test_dialogue_directions_are_centred_over_labels_and_skip_neutral_and_absent_emotions():
+    from vectors.extraction import combine, dialogue_directions
+
+    means = torch.tensor([[1.0, 0.0], [3.0, 0.0], [0.0, 2.0], [0.0, 4.0]])  # two per label
+    labels = ["calm", "calm", "neutral", "desperate"]
+    directions = dialogue_directions(means, labels, ["calm", "afraid"])
+    assert set(directions) == {"calm"}  # neutral is the reference, desperate is not among the emotions
+    grand = torch.stack([means[:2].mean(0), means[2], means[3]]).mean(0)
+    assert torch.allclose(directions["calm"], means[:2].mean(0) - grand)
+    raw = torch.tensor([[0.0, 3.0], [1.0, 1.0]])
+    combined = combine(raw, {"calm": torch.tensor([2.0, 0.0])}, ["calm", "afraid"], weight=1.0)
+    assert torch.allclose(combined[0], torch.tensor([3.0, 3.0]))  # unit story + unit dialogue, story norm kept
+    assert torch.equal(combined[1], raw[1])  # an emotion without transcripts is untouched
+
+
+def test_extraction_records_the_transcripts_it_used(extracted):
+    extraction = extracted.manifest.extraction
+    assert extraction["transcripts"] == ["afraid", "calm", "desperate", "panicked"]
+    assert extraction["train_transcripts"] == 512 and extraction["transcript_weight"] == 0.5

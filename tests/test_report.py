@@ -77,6 +77,12 @@ def test_transcript_section_has_intervals_a_baseline_and_matched_comparisons(rep
     }
 
 
+def test_pressure_arc_desperation_rises_under_pressure_and_falls_after(report):
+    _, summary = report
+    desperate = summary["pressure_arc_assistant_turn_means"]["desperate"]
+    assert len(desperate) == 5 and max(desperate[1:3]) > desperate[0] + 1 and desperate[3] < max(desperate[1:3]) - 1
+
+
 def test_patching_carries_desperation_forward_and_the_calm_control_less(report):
     _, summary = report
     desperate, calm = summary["patching"].values()

@@ -128,18 +128,31 @@ def _transcript_figure(t: transcripts.TranscriptResult) -> str:
     return _png(fig)
 
 
-def _arc_figure(arc: dict) -> str:
+def _turn_means(arc: dict) -> dict[str, list[float]]:
+    """Each emotion's mean z over each assistant turn of the arc, in order."""
+    message, role = np.array(arc["message"]), np.array(arc["role"])
+    turns = [k for k in sorted(set(arc["message"])) if role[message == k][0] == "assistant"]
+    return {e: [round(float(np.mean(np.array(v)[message == k])), 3) for k in turns] for e, v in arc["scores"].items()}
+
+
+def _arc_figure(arc: dict, window: int = 15) -> str:
     fig, ax = plt.subplots(figsize=(11, 4))
     x = np.arange(len(arc["message"]))
-    for emotion, values in arc["scores"].items():
-        ax.plot(x, values, lw=0.8, label=emotion)
+    for (emotion, values), colour in zip(arc["scores"].items(), ("C3", "C1", "C2"), strict=False):
+        values = np.array(values)
+        smooth = np.convolve(values, np.ones(window) / window, mode="same")
+        ax.plot(x, values, lw=0.5, alpha=0.25, color=colour)
+        ax.plot(x, smooth, lw=1.8, color=colour, label=f"{emotion} ({window}-token mean)")
+    turn = 0
     for k in sorted(set(arc["message"])):
         rows = np.flatnonzero(np.array(arc["message"]) == k)
         if arc["role"][rows[0]] == "assistant":
+            turn += 1
             ax.axvspan(rows[0], rows[-1], color="#eef", zorder=0)
-    ax.set_xlabel("token (shaded: assistant turns; pressure rises in turns 2-3 and ends in turn 4)")
+            ax.annotate(f"turn {turn}", (rows[0], 0.97), xycoords=("data", "axes fraction"), fontsize=8, va="top")
+    ax.set_xlabel("token (shaded: assistant turns; the pressure rises before turns 2 and 3 and lifts before turn 4)")
     ax.set_ylabel("z-score")
-    ax.legend(loc="upper left")
+    ax.legend(loc="lower left", fontsize=8)
     return _png(fig)
 
 
@@ -235,6 +248,43 @@ def _transcript_section(summary: dict, figures: dict[str, str]) -> list[str]:
     ]
 
 
+STUDY = Path(__file__).resolve().parents[1] / "bench" / "results" / "vector_recipe_study.json"
+
+
+def _study_section() -> list[str]:
+    """The recipe study's table (bench/vector_recipe_study.py), where the repository has its results."""
+    if not STUDY.is_file():
+        return []
+    study = json.loads(STUDY.read_text())
+    chosen = study["chosen"]
+    shown = [v for v in study["variants"] if v["denoise_variance"] == chosen["denoise_variance"]]
+    shown = [v for v in shown if v["layer"] == chosen["layer"]] + [
+        v for v in shown if v["layer"] != chosen["layer"] and v["transcript_weight"] == chosen["transcript_weight"]
+    ]
+    rows = [
+        [
+            v["layer"],
+            v["transcript_weight"],
+            v["dev_objective"],
+            *[v["dev_auroc"][e] for e in ("desperate", "panicked", "calm")],
+            v["dev_matched"]["calm on calm vs desperate"],
+            *[v["story_auroc"][e] for e in ("desperate", "panicked", "calm", "afraid")],
+            "chosen" if v == chosen else "",
+        ]
+        for v in shown
+    ]
+    header = ["layer", "transcript weight", "objective", "desperate", "panicked", "calm", "calm vs desperate"]
+    header += ["story desperate", "story panicked", "story calm", "story afraid", ""]
+    return [
+        "<h2>Recipe study</h2>",
+        f"<p>{html.escape(study['split'])}. Objective: {html.escape(study['objective'])}; constraint: "
+        f"{html.escape(study['constraint'])}. Neutral denoising at {chosen['denoise_variance']} of variance; "
+        f"every variant is in <code>bench/results/vector_recipe_study.json</code> "
+        f"(<code>{html.escape(study['command'])}</code>).</p>",
+        _table(rows, header),
+    ]
+
+
 def _patching_section(summary: dict, figures: dict[str, str]) -> list[str]:
     if "patching" not in summary:
         return []
@@ -273,6 +323,7 @@ def render(vectors: EmotionVectors, summary: dict, figures: dict[str, str], lens
         _table(auroc_rows, ["emotion", "AUROC, vectors", "AUROC, bag of words"]),
         figures["auroc"],
         *_transcript_section(summary, figures),
+        *_study_section(),
         *_patching_section(summary, figures),
         "<h2>Geometry: valence and arousal</h2>",
         f"<p>|r| between PC1 of the vectors and valence: <b>{summary['pc1_valence_abs_r']}</b>; "
@@ -335,7 +386,9 @@ def build(loaded: LoadedModel, vectors: EmotionVectors, out: Path, config: Repor
         figures["transcripts"] = _transcript_figure(result)
         arc = json.loads((corpus.DATA / "pressure_arc.json").read_text())["messages"]
         shown = [e for e in ("desperate", "panicked", "calm") if e in vectors.emotions]
-        figures["arc"] = _arc_figure(transcripts.token_trajectory(loaded, vectors, arc, shown))
+        trajectory = transcripts.token_trajectory(loaded, vectors, arc, shown)
+        summary["pressure_arc_assistant_turn_means"] = _turn_means(trajectory)
+        figures["arc"] = _arc_figure(trajectory)
     if config.patching and {"desperate", "calm"} <= set(vectors.emotions):
         summary["patching"] = _patching_sweep(loaded, vectors)
         figures["patching"] = _patching_figure(summary["patching"], vectors.manifest.layer)
