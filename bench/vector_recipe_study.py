@@ -7,6 +7,8 @@ Transcripts split three ways by scenario (index mod 5): 0-2 fit the dialogue dir
 set every variant is judged on here, 4 is held out and never looked at by this study (the report measures the
 chosen recipe on it once). Story AUROC is one emotion's held-out stories against all other held-out stories
 on that emotion's raw projection (AUROC does not change under the per-vector calibration, so none is needed).
+Note: that story constraint is checked on the *held-out* stories (as the report's story figures are), so those
+figures for the chosen recipe were part of the choice; the transcript figures on held-out scenarios were not.
 Uses the activation cache that extraction fills (``~/.cache/limbic/activations``).
 """
 
@@ -41,9 +43,9 @@ def neutral_tokens(loaded: hf_model.LoadedModel, layers: tuple[int, ...]) -> dic
     rows: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
     with tap_layers(loaded, list(layers)) as captured:
         for dialogue in corpus.load_neutral_dialogues("train"):
-            loaded.model.base_model(torch.tensor([chat_ids(loaded.tokenizer, dialogue)]))
+            loaded.model.base_model(torch.tensor([chat_ids(loaded.tokenizer, dialogue)], device=loaded.device))
             for layer in layers:
-                rows[layer].append(captured[layer][0].float())
+                rows[layer].append(captured[layer][0].float().cpu())
     out = {}
     for layer in layers:
         stacked = torch.cat(rows[layer])

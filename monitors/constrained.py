@@ -56,10 +56,20 @@ class Matcher:
 
 
 def check_json_schema(schema: dict) -> None:
-    """Raises ValueError when xgrammar cannot turn ``schema`` into a grammar (a client's 400, not a 500 later)."""
+    """Raises ValueError when ``schema`` cannot be enforced (a client's 400, not a 500 later): xgrammar cannot
+    compile it, or it uses keywords xgrammar would silently not enforce (vLLM's own list, where installed)."""
     import xgrammar
 
     try:
         xgrammar.Grammar.from_json_schema(json.dumps(schema), any_whitespace=False)
     except Exception as exc:  # xgrammar raises RuntimeError/InvalidJSONError variants
         raise ValueError(f"not a JSON schema limbic can enforce: {exc}") from exc
+    try:
+        from vllm.v1.structured_output.backend_xgrammar import has_xgrammar_unsupported_json_features
+    except ImportError:
+        return
+    if has_xgrammar_unsupported_json_features(schema):
+        raise ValueError(
+            "the schema uses keywords constrained decoding cannot enforce (uniqueItems, contains, multipleOf, "
+            "unknown string formats, or a pattern with length bounds)"
+        )

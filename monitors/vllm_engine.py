@@ -214,10 +214,9 @@ class VLLMEngine:
     ) -> AsyncIterator[tuple[RequestScores, AsyncIterator[Any]]]:
         """One vLLM request with its score buffer; leaving the block ends (aborts) it."""
         key = uuid.uuid4().hex
+        vllm_params = self._vllm_params(params, key, max_tokens)  # may refuse: before the buffer exists
         scores = self._receiver.open(key, len(prompt_ids) + max_tokens)
-        outputs = self._llm.generate(
-            self._prompt(prompt_ids, params), self._vllm_params(params, key, max_tokens), request_id=key
-        )
+        outputs = self._llm.generate(self._prompt(prompt_ids, params), vllm_params, request_id=key)
         try:
             yield scores, outputs
         finally:

@@ -5,9 +5,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 from fastapi import FastAPI, Query, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -24,6 +25,31 @@ from service.errors import APIError
 from service.protocol import AnalyzeRequest, ChatCompletionRequest, CompletionRequest
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class ClientDisconnected(Exception):
+    """The client left before a non-streamed answer was ready; its generation was cancelled."""
+
+
+async def unless_disconnected(request: Request, work: Coroutine[Any, Any, T]) -> T:
+    """Runs ``work``, cancelling it (which aborts the engine's requests) if the client disconnects first.
+
+    Starlette cancels a streaming response when its client leaves, but not a handler that is still computing
+    a whole answer: without this, an abandoned request would generate to the end.
+    """
+    task = asyncio.ensure_future(work)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=0.5)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                raise ClientDisconnected
+    finally:
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
 
 
 @dataclass
@@ -68,6 +94,10 @@ def create_app(settings: Settings, engine: Engine | None = None, close_engine: b
     app = FastAPI(title="limbic", version="0.1.0", lifespan=lifespan)
     errors.install(app)
 
+    @app.exception_handler(ClientDisconnected)
+    async def _gone(request: Request, exc: ClientDisconnected) -> Response:
+        return Response(status_code=499)  # nginx's "client closed request": nobody is there to read it
+
     def state(request: Request) -> State:
         return request.app.state.limbic
 
@@ -80,7 +110,7 @@ def create_app(settings: Settings, engine: Engine | None = None, close_engine: b
                 media_type="text/event-stream",
                 headers={"X-Request-Id": completion.id, "Cache-Control": "no-cache"},
             )
-        result = await completions.complete(completion)
+        result = await unless_disconnected(request, completions.complete(completion))
         return JSONResponse(result, headers={"X-Request-Id": completion.id})
 
     @app.post("/v1/responses")
@@ -120,7 +150,8 @@ def create_app(settings: Settings, engine: Engine | None = None, close_engine: b
                     yield responses.sse(event)
 
             return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        result = responses.to_response(await completions.complete(completion), body, response_id, created)
+        chat_result = await unless_disconnected(request, completions.complete(completion))
+        result = responses.to_response(chat_result, body, response_id, created)
         await remember(result)
         return JSONResponse(result)
 

@@ -18,8 +18,11 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import jinja2
+
 from monitors.channel import Channel
-from monitors.engine import Engine, SamplingParams, Step, TokenLogprob
+from monitors.constrained import check_json_schema
+from monitors.engine import Engine, JsonConstraint, SamplingParams, Step, TokenLogprob
 from monitors.session import Monitor, RequestMonitor
 from service.chat_templates import ChatRenderer, TemplateError
 from service.errors import APIError
@@ -41,6 +44,7 @@ class Choice:
     scores: list[dict] = field(default_factory=list)  # per-token scores, when the request asks for them
     finish: str | None = None
     called_tools: bool = False  # a tool-call delta was streamed
+    logprob_chars: int = 0  # characters of token text whose log-probabilities were streamed
 
     def finish_reason(self, message: dict | None = None) -> str | None:
         called = self.called_tools if message is None else bool(message.get("tool_calls"))
@@ -61,7 +65,7 @@ class _Format:
     def chunk_choice(self, index: int, delta: dict, finish: str | None, logprobs: dict | None) -> dict:
         return {"index": index, "delta": delta, "finish_reason": finish, "logprobs": logprobs}
 
-    def logprobs(self, entries: Sequence[TokenLogprob], token_text: Any) -> dict:
+    def logprobs(self, entries: Sequence[TokenLogprob], token_text: Any, offset: int = 0) -> dict:
         def item(token_id: int, logprob: float) -> dict:
             text = token_text(token_id)
             return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
@@ -146,8 +150,12 @@ class Completion:
     def token_text(self, token_id: int) -> str:
         return self.engine.decode([token_id])
 
-    def logprobs(self, entries: Sequence[TokenLogprob]) -> dict | None:
-        return self.fmt.logprobs(entries, self.token_text) if self.request.logprobs_count is not None else None
+    def logprobs(self, entries: Sequence[TokenLogprob], offset: int = 0) -> dict | None:
+        """The format's log-probabilities of ``entries``; ``offset``: characters of token text before them
+        (text completions' ``text_offset`` runs on across a stream's chunks)."""
+        if self.request.logprobs_count is None:
+            return None
+        return self.fmt.logprobs(entries, self.token_text, offset)
 
     async def _observe(self, choice: Choice, step: Step) -> None:
         if step.phase == "prompt" and choice.index > 0:
@@ -202,11 +210,22 @@ def _check_token_ids(engine: Engine, fields: Mapping[str, list[int]]) -> None:
             raise APIError(400, f"token ids {bad[:5]} are outside the vocabulary (0..{vocabulary - 1})", param=param)
 
 
+def _check_constraint(request: ChatCompletionRequest | CompletionRequest, constraint: JsonConstraint) -> None:
+    """The grammar generation will run under: enforceable, and compatible with the other fields."""
+    param = "tools" if isinstance(request, ChatCompletionRequest) and request.tools_active else "response_format"
+    if request.min_tokens:  # a finished grammar allows only EOS, which min_tokens forbids
+        raise APIError(400, f"min_tokens cannot be combined with constrained output ({param})", param="min_tokens")
+    try:
+        check_json_schema(dict(constraint.schema))
+    except ValueError as exc:
+        raise APIError(400, str(exc), param=param) from exc
+
+
 def _chat_prompt(renderer: ChatRenderer, request: ChatCompletionRequest) -> tuple[list[int], str]:
     tools = [t.model_dump(exclude_none=True) for t in request.tools or ()] if request.tools_active else None
     try:
         return renderer.render([m.for_template() for m in request.messages], tools)
-    except TemplateError as exc:
+    except (TemplateError, jinja2.TemplateError) as exc:  # the model's own template may raise_exception
         raise APIError(400, str(exc), param="tools" if tools else "messages") from exc
 
 
@@ -245,6 +264,9 @@ def prepare(
             param="messages" if fmt is CHAT else "prompt",
             code="context_length_exceeded",
         )
+    max_tokens = wanted or limit - len(prompt_ids)
+    if request.min_tokens > max_tokens:
+        raise APIError(400, f"min_tokens ({request.min_tokens}) exceeds max_tokens ({max_tokens})", param="min_tokens")
     request_id = f"{fmt.id_prefix}-{uuid.uuid4().hex}"
     steer = {**(steer_defaults or {}), **request.limbic.steer}
     choices = []
@@ -258,7 +280,9 @@ def prepare(
         except ValueError as exc:
             raise APIError(400, str(exc), param="tool_choice") from exc
         constraint = output.constraint or request.constraint()
-        params = request.sampling(wanted or limit - len(prompt_ids), steer, constraint, seed_offset=index)
+        if index == 0 and constraint is not None:
+            _check_constraint(request, constraint)
+        params = request.sampling(max_tokens, steer, constraint, seed_offset=index)
         choices.append(Choice(index, params, monitor.request(request_id, engine.decode, index), output))
     return Completion(engine, fmt, request.model, prompt_ids, request, choices, steer, template, request_id)
 
@@ -306,7 +330,9 @@ async def chunks(c: Completion) -> AsyncIterator[dict]:
                     delta = {"role": "assistant"} | (delta or {"content": ""})
                 started.add(choice.index)
                 finish = choice.finish_reason() if last and step.finish_reason else None
-                logprobs = c.logprobs(entries) if last and entries else None
+                logprobs = c.logprobs(entries, choice.logprob_chars) if last and entries else None
+                if logprobs is not None:
+                    choice.logprob_chars += sum(len(c.token_text(e.token_id)) for e in entries)
                 rendered = c.fmt.chunk_choice(choice.index, delta, finish, logprobs)
                 chunk = c.base(c.fmt.chunk_object) | {"choices": [rendered]}
                 extension = {"tokens": tokens} if tokens and last else {}

@@ -7,6 +7,7 @@ limbic cannot honour are declared and refused by name when set. The compatibilit
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from typing import Annotated, Any, ClassVar, Literal
 
@@ -135,7 +136,7 @@ class _Sampling(_Refusing):
     @classmethod
     def _token_ids(cls, bias: dict[str, float] | None) -> dict[str, float] | None:
         for key in bias or {}:
-            if not key.lstrip("-").isdigit():
+            if not re.fullmatch(r"-?[0-9]+", key):
                 raise ValueError(f"keys are token ids, got {key!r}")
         return bias
 
@@ -160,8 +161,9 @@ class _Sampling(_Refusing):
             temperature=self.temperature,
             top_p=self.top_p,
             stop=stop,
-            # Choices of one seeded request differ from each other and repeat across requests.
-            seed=None if self.seed is None else (self.seed + seed_offset + INT64) % (2 * INT64) - INT64,
+            # Choices of one seeded request differ from each other and repeat across requests. Kept in
+            # [0, 2**63): vLLM reads a seed of -1 as "no seed".
+            seed=None if self.seed is None else (self.seed + seed_offset) % INT64,
             presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty,
             ignore_eos=self.ignore_eos,

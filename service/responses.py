@@ -37,17 +37,13 @@ from pydantic import (
 )
 from redis.exceptions import RedisError
 
-from service.protocol import RefusedField
+from service.protocol import RefusedField, Strict
 
 # ---------------------------------------------------------------------------------------------------------------
 # The request
 # ---------------------------------------------------------------------------------------------------------------
 
 _MEDIA_PARTS = ("input_image", "input_file", "input_audio")
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
 
 
 def _text_parts(value: Any) -> Any:
@@ -61,13 +57,13 @@ def _text_parts(value: Any) -> Any:
     return value
 
 
-class InputText(_Strict):
+class InputText(Strict):
     type: Literal["input_text"]
     text: str
     prompt_cache_breakpoint: dict[str, Any] | None = None  # a caching hint: accepted, ignored
 
 
-class OutputText(_Strict):
+class OutputText(Strict):
     """An earlier answer's text, as clients replay it (annotations and logprobs are carried, not read)."""
 
     type: Literal["output_text"]
@@ -76,7 +72,7 @@ class OutputText(_Strict):
     logprobs: list[Any] | None = None
 
 
-class Refusal(_Strict):
+class Refusal(Strict):
     type: Literal["refusal"]
     refusal: str
 
@@ -92,7 +88,7 @@ def _joined(parts: Sequence[InputText | OutputText | Refusal]) -> str:
     return "".join(_part_text(p) for p in parts)
 
 
-class MessageItem(_Strict):
+class MessageItem(Strict):
     type: Literal["message"] = "message"
     role: Literal["user", "system", "developer", "assistant"]
     content: Annotated[list[ContentPart], BeforeValidator(_text_parts)]  # a string on the wire
@@ -101,7 +97,7 @@ class MessageItem(_Strict):
     phase: Literal["commentary", "final_answer"] | None = None
 
 
-class FunctionCallItem(_Strict):
+class FunctionCallItem(Strict):
     type: Literal["function_call"]
     call_id: str
     name: str
@@ -110,7 +106,7 @@ class FunctionCallItem(_Strict):
     status: Literal["in_progress", "completed", "incomplete"] | None = None
 
 
-class FunctionCallOutputItem(_Strict):
+class FunctionCallOutputItem(Strict):
     type: Literal["function_call_output"]
     call_id: str
     output: Annotated[list[InputText], BeforeValidator(_text_parts)]  # a string on the wire
@@ -131,7 +127,7 @@ InputItem = Annotated[
 _ITEMS: TypeAdapter[list[InputItem]] = TypeAdapter(list[InputItem])
 
 
-class FunctionTool(_Strict):
+class FunctionTool(Strict):
     type: Literal["function"]
     name: str
     description: str | None = None
@@ -139,20 +135,20 @@ class FunctionTool(_Strict):
     strict: bool | None = None
 
 
-class ToolChoiceFunction(_Strict):
+class ToolChoiceFunction(Strict):
     type: Literal["function"]
     name: str
 
 
-class TextFormatText(_Strict):
+class TextFormatText(Strict):
     type: Literal["text"]
 
 
-class TextFormatJSONObject(_Strict):
+class TextFormatJSONObject(Strict):
     type: Literal["json_object"]
 
 
-class TextFormatJSONSchema(_Strict):
+class TextFormatJSONSchema(Strict):
     type: Literal["json_schema"]
     name: str
     schema_: dict[str, Any] = Field(alias="schema")
@@ -160,7 +156,7 @@ class TextFormatJSONSchema(_Strict):
     description: str | None = None
 
 
-class TextConfig(_Strict):
+class TextConfig(Strict):
     format: Annotated[TextFormatText | TextFormatJSONObject | TextFormatJSONSchema, Field(discriminator="type")] = (
         Field(default_factory=lambda: TextFormatText(type="text"))
     )
@@ -174,7 +170,7 @@ class TextConfig(_Strict):
         return value
 
 
-class StreamOptions(_Strict):
+class StreamOptions(Strict):
     # Obfuscation pads delta events with random characters so that their sizes do not leak the text over a
     # compressed, encrypted connection. It is only padding (it never changes the text or the events' meaning),
     # so limbic accepts the option, as clients send it by default, and sends no padding.

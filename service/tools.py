@@ -82,21 +82,21 @@ class RequiredCalls(ChatOutput):
     """``tool_choice: required``: a JSON array of calls, streamed whole once complete."""
 
     def __init__(self, tools: dict[str, dict | None], parallel: bool) -> None:
-        schema: dict[str, Any] = {
-            "type": "array",
-            "minItems": 1,
-            "items": {
-                "anyOf": [
-                    {
-                        "type": "object",
-                        "properties": {"name": {"const": name}, "arguments": parameters or ANY_OBJECT},
-                        "required": ["name", "arguments"],
-                        "additionalProperties": False,
-                    }
-                    for name, parameters in tools.items()
-                ]
-            },
-        }
+        definitions: dict[str, Any] = {}
+        options = []
+        for n, (name, parameters) in enumerate(tools.items()):
+            arguments = _hoist_definitions(parameters or ANY_OBJECT, f"tool{n}_", definitions)
+            options.append(
+                {
+                    "type": "object",
+                    "properties": {"name": {"const": name}, "arguments": arguments},
+                    "required": ["name", "arguments"],
+                    "additionalProperties": False,
+                }
+            )
+        schema: dict[str, Any] = {"type": "array", "minItems": 1, "items": {"anyOf": options}}
+        if definitions:
+            schema["$defs"] = definitions
         if not parallel:
             schema["maxItems"] = 1
         self.constraint = JsonConstraint(schema)
@@ -125,10 +125,33 @@ class RequiredCalls(ChatOutput):
         return _message_with_calls([{"function": f} for f in found])
 
 
+def _hoist_definitions(schema: dict, prefix: str, definitions: dict[str, Any]) -> dict:
+    """``schema`` with its ``$defs``/``definitions`` moved into ``definitions`` under ``prefix``ed names and its
+    local ``$ref``s rewritten to them: a tool's schema nested in the array of calls keeps resolving."""
+    local = {**schema.get("definitions", {}), **schema.get("$defs", {})}
+    if not local:
+        return schema
+    renamed = {f"#/{kind}/{name}": f"#/$defs/{prefix}{name}" for kind in ("$defs", "definitions") for name in local}
+
+    def rewrite(node: Any) -> Any:
+        if isinstance(node, dict):
+            return {
+                k: (renamed.get(v, v) if k == "$ref" else rewrite(v))
+                for k, v in node.items()
+                if k not in ("$defs", "definitions")
+            }
+        return [rewrite(v) for v in node] if isinstance(node, list) else node
+
+    for name, definition in local.items():
+        definitions[f"{prefix}{name}"] = rewrite(definition)
+    return rewrite(schema)
+
+
 class ParsedCalls(ChatOutput):
     """``tool_choice: auto``: vLLM's tool parser finds calls in free text (a fresh parser per choice)."""
 
     def __init__(self, parser_name: str, tokenizer: Any, request: ChatCompletionRequest) -> None:
+        self._parallel = request.parallel_tool_calls is not False
         from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest as VLLMRequest
         from vllm.tool_parsers import ToolParserManager
 
@@ -139,6 +162,7 @@ class ParsedCalls(ChatOutput):
         self._parser = ToolParserManager.get_tool_parser(parser_name)(tokenizer, self._request.tools)
         self._text = ""
         self._ids: list[int] = []
+        self._content = ""  # content streamed so far
 
     def push(self, text: str, token_ids: Sequence[int]) -> list[dict]:
         previous_text, previous_ids = self._text, self._ids
@@ -148,20 +172,39 @@ class ParsedCalls(ChatOutput):
         delta = self._parser.extract_tool_calls_streaming(
             previous_text, self._text, text, previous_ids, self._ids, list(token_ids), self._request
         )
-        return [] if delta is None else [_delta_dict(delta)]
+        return [] if delta is None else self._kept([_delta_dict(delta)])
 
     def finish(self) -> list[dict]:
+        deltas = []
         rest = self._parser.get_remaining_unstreamed_args() if self._parser.prev_tool_call_arr else ""
-        if not rest:
-            return []
-        index = len(self._parser.prev_tool_call_arr) - 1
-        return [{"tool_calls": [{"index": index, "function": {"arguments": rest}}]}]
+        if rest:
+            index = len(self._parser.prev_tool_call_arr) - 1
+            deltas.append({"tool_calls": [{"index": index, "function": {"arguments": rest}}]})
+        # Text the parser held back in case it began a tool call ("... if a <") that never came.
+        content = self.message(self._text).get("content") or ""
+        if content.startswith(self._content) and len(content) > len(self._content):
+            deltas.append({"content": content[len(self._content) :]})
+        return self._kept(deltas)
+
+    def _kept(self, deltas: list[dict]) -> list[dict]:
+        """Deltas without the calls past the first when parallel calls are off; records streamed content."""
+        kept = []
+        for delta in deltas:
+            if not self._parallel and "tool_calls" in delta:
+                delta = delta | {"tool_calls": [c for c in delta["tool_calls"] if c["index"] == 0]}
+                if not delta["tool_calls"]:
+                    del delta["tool_calls"]
+            self._content += delta.get("content") or ""
+            if delta:
+                kept.append(delta)
+        return kept
 
     def message(self, text: str) -> dict:
         parsed = self._parser.extract_tool_calls(text, self._request)
         if not parsed.tools_called:
             return {"role": "assistant", "content": text}
-        calls = [{"id": c.id, "function": c.function.model_dump()} for c in parsed.tool_calls]
+        found = parsed.tool_calls if self._parallel else parsed.tool_calls[:1]
+        calls = [{"id": c.id, "function": c.function.model_dump()} for c in found]
         return _message_with_calls(calls, parsed.content)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import httpx
 import openai
@@ -178,6 +179,15 @@ def test_client_disconnect_aborts_the_generation(client, limbic_url):
     assert quick.choices[0].finish_reason in ("stop", "length")
     # The abandoned request stopped within a few tokens of the disconnect instead of running to 400.
     assert generated_tokens() - before < 100
+
+    # Non-streamed too: the client gives up after 2 s; the generation is cancelled within about a second.
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "Write a long story."}], "max_tokens": 400}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{limbic_url}/v1/chat/completions", json=body | {"ignore_eos": True}, timeout=2)
+    time.sleep(1.5)
+    settled = generated_tokens()
+    time.sleep(2)
+    assert generated_tokens() - settled < 3 and settled - before < 200
 
 
 def test_analyze_endpoint(limbic_url):

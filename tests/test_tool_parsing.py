@@ -87,3 +87,17 @@ def test_named_and_required_outputs(tokenizer):
 def test_auto_needs_a_parser():
     with pytest.raises(ValueError, match="tool-call-parser"):
         chat_output(request(tool_choice="auto"), None, None)
+
+
+def test_auto_with_parallel_calls_off_keeps_the_first_call_whole_and_streamed(tokenizer):
+    single = request(parallel_tool_calls=False)
+    whole = ParsedCalls("hermes", tokenizer, single).message(MODEL_TEXT)
+    assert [json.loads(c["function"]["arguments"]) for c in whole["tool_calls"]] == [{"city": "Paris"}]
+    _, calls = reassemble(stream(ParsedCalls("hermes", tokenizer, single), MODEL_TEXT, tokenizer))
+    assert [json.loads(c["arguments"]) for c in calls] == [{"city": "Paris"}]
+
+
+def test_text_held_back_as_a_possible_tag_is_released_at_the_end(tokenizer):
+    text = "Use the form if a <"
+    content, calls = reassemble(stream(ParsedCalls("hermes", tokenizer, request()), text, tokenizer))
+    assert content == text and calls == []

@@ -69,6 +69,26 @@ def test_required_tool_choice_with_any_tool_and_no_parallel_calls(client):
     assert_valid_calls(calls)
 
 
+def test_required_choice_keeps_nested_definitions_resolvable(client):
+    """Pydantic-made tool schemas put nested models in $defs; nested in the array of calls they must resolve."""
+    parameters = {
+        "type": "object",
+        "properties": {"place": {"$ref": "#/$defs/Place"}},
+        "required": ["place"],
+        "$defs": {
+            "Place": {
+                "type": "object",
+                "properties": {"city": {"type": "string", "enum": ["Paris", "Rome"]}},
+                "required": ["city"],
+                "additionalProperties": False,
+            }
+        },
+    }
+    tools = [{"type": "function", "function": {"name": "visit", "parameters": parameters}}]
+    call = chat(client, tools=tools, tool_choice="required", max_tokens=48).choices[0].message.tool_calls[0]
+    jsonschema.validate(json.loads(call.function.arguments), parameters)
+
+
 def test_auto_tool_choice_parses_whatever_the_model_writes(client):
     response = chat(client, tools=TOOLS, tool_choice="auto", max_tokens=64)
     message = response.choices[0].message
@@ -190,6 +210,22 @@ def test_completion_logprobs_and_vllm_sampling_extensions(client):
     lp = response.choices[0].logprobs
     assert "".join(lp.tokens) == response.choices[0].text and len(lp.top_logprobs[0]) == 2
     assert lp.text_offset[0] == 0
+    streamed = client.completions.create(
+        model=MODEL,
+        prompt="The capital of France is",
+        max_tokens=6,
+        temperature=0,
+        logprobs=2,
+        stream=True,
+        extra_body={"ignore_eos": True},
+    )
+    offsets = [
+        o
+        for chunk in streamed
+        if chunk.choices and chunk.choices[0].logprobs
+        for o in chunk.choices[0].logprobs.text_offset
+    ]
+    assert offsets == lp.text_offset  # the offsets run on across chunks
     top1 = client.completions.create(
         model=MODEL,
         prompt="The capital of France is",
@@ -245,6 +281,7 @@ def test_refused_chat_fields_are_400s_naming_them(limbic_url, field, value):
     assert error["type"] == "invalid_request_error"
 
 
+UNIQUE = {"type": "array", "items": {"type": "string"}, "uniqueItems": True}  # xgrammar would not enforce it
 REFUSED_OTHER = [
     ("tool_choice", {"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "nope"}}}),
     ("response_format", {"tools": TOOLS, "response_format": {"type": "json_object"}}),
@@ -255,6 +292,10 @@ REFUSED_OTHER = [
     ("messages", {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}),
     ("messages", {"messages": [{"role": "tool", "content": "result without an id"}]}),
     ("tools", {"tools": [{"type": "custom", "custom": {"name": "x"}}]}),
+    ("min_tokens", {"max_tokens": 2, "min_tokens": 50}),
+    ("min_tokens", {"response_format": {"type": "json_object"}, "min_tokens": 3}),
+    ("response_format", {"response_format": {"type": "json_schema", "json_schema": {"name": "u", "schema": UNIQUE}}}),
+    ("logit_bias", {"logit_bias": {"\u00b2": 1}}),
 ]
 
 

@@ -278,7 +278,9 @@ def _study_section() -> list[str]:
     return [
         "<h2>Recipe study</h2>",
         f"<p>{html.escape(study['split'])}. Objective: {html.escape(study['objective'])}; constraint: "
-        f"{html.escape(study['constraint'])}. Neutral denoising at {chosen['denoise_variance']} of variance; "
+        f"{html.escape(study['constraint'])}, checked on the held-out stories, so the story figures above took "
+        "part in the choice (the held-out transcripts did not). "
+        f"Neutral denoising at {chosen['denoise_variance']} of variance; "
         f"every variant is in <code>bench/results/vector_recipe_study.json</code> "
         f"(<code>{html.escape(study['command'])}</code>).</p>",
         _table(rows, header),
