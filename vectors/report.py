@@ -44,19 +44,30 @@ def _png(fig: plt.Figure) -> str:
     return f'<img alt="figure" src="data:image/png;base64,{base64.b64encode(buffer.getvalue()).decode()}">'
 
 
-def _auroc_figure(result: validation.HeldoutResult) -> str:
-    names = sorted(result.vectors.auroc, key=lambda e: (e not in PRIORITY, -result.vectors.auroc[e]))[:40]
-    fig, ax = plt.subplots(figsize=(10, 0.22 * len(names) + 1))
+def _paired_bars(
+    names: list[str], series: list[tuple[str, list[float], np.ndarray | None]], xlabel: str, xmin: float, height: float
+) -> str:
+    """Horizontal bars, two per name (vectors above, baseline below), with optional [2, n] error bars."""
+    fig, ax = plt.subplots(figsize=(10, height * len(names) + 1))
     y = np.arange(len(names))
-    ax.barh(y + 0.2, [result.vectors.auroc[e] for e in names], height=0.4, label="emotion vectors")
-    ax.barh(y - 0.2, [result.baseline.auroc.get(e, np.nan) for e in names], height=0.4, label="bag of words")
-    ax.set_yticks(y, names, fontsize=7)
+    for offset, (label, values, errors) in zip((0.2, -0.2), series, strict=True):
+        ax.barh(y + offset, values, height=0.4, xerr=errors, capsize=2 if errors is not None else 0, label=label)
+    ax.set_yticks(y, names, fontsize=7 if len(names) > 10 else 9)
     ax.invert_yaxis()
     ax.axvline(0.5, color="grey", lw=0.5)
-    ax.set_xlim(0.3, 1.0)
-    ax.set_xlabel("held-out AUROC (one emotion's stories against all others)")
+    ax.set_xlim(xmin, 1.0)
+    ax.set_xlabel(xlabel)
     ax.legend(loc="lower left")
     return _png(fig)
+
+
+def _auroc_figure(result: validation.HeldoutResult) -> str:
+    names = sorted(result.vectors.auroc, key=lambda e: (e not in PRIORITY, -result.vectors.auroc[e]))[:40]
+    series = [
+        ("emotion vectors", [result.vectors.auroc[e] for e in names], None),
+        ("bag of words", [result.baseline.auroc.get(e, np.nan) for e in names], None),
+    ]
+    return _paired_bars(names, series, "held-out AUROC (one emotion's stories against all others)", 0.3, 0.22)
 
 
 def _map_figure(g: validation.Geometry) -> str:
@@ -113,19 +124,15 @@ def _steering_figure(s: validation.SteeringCheck) -> str:
 
 def _transcript_figure(t: transcripts.TranscriptResult) -> str:
     names = list(t.vectors)
-    fig, ax = plt.subplots(figsize=(8, 0.45 * len(names) + 1))
-    y = np.arange(len(names))
-    for offset, label, result in ((0.2, "emotion vectors", t.vectors), (-0.2, "bag of words", t.baseline)):
-        values = np.array([result[e].auroc for e in names])
+
+    def series(label: str, result: dict[str, transcripts.Auroc]) -> tuple[str, list[float], np.ndarray]:
         errors = np.array([[result[e].auroc - result[e].low, result[e].high - result[e].auroc] for e in names]).T
-        ax.barh(y + offset, values, height=0.4, xerr=errors, capsize=2, label=label)
-    ax.set_yticks(y, names)
-    ax.invert_yaxis()
-    ax.axvline(0.5, color="grey", lw=0.5)
-    ax.set_xlim(0.0, 1.0)
-    ax.set_xlabel("held-out transcripts, assistant tokens: AUROC of the label's own score (95% interval)")
-    ax.legend(loc="lower left")
-    return _png(fig)
+        return label, [result[e].auroc for e in names], errors
+
+    xlabel = "held-out transcripts, assistant tokens: AUROC of the label's own score (95% interval)"
+    return _paired_bars(
+        names, [series("emotion vectors", t.vectors), series("bag of words", t.baseline)], xlabel, 0.0, 0.45
+    )
 
 
 def _turn_means(arc: dict) -> dict[str, list[float]]:
