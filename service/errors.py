@@ -43,9 +43,9 @@ def error_response(
 
 def describe(error: dict) -> tuple[str, str | None]:
     cause = (error.get("ctx") or {}).get("error")
-    if getattr(cause, "param", None):  # protocol.RefusedField: a supported-field check that names its field
-        return str(cause), cause.param
     location = [str(part) for part in error.get("loc", ()) if part != "body"]
+    if getattr(cause, "param", None):  # protocol.FieldError: a model-level check that names its field
+        return str(cause), ".".join([*location, cause.param])
     param = ".".join(location) or None
     if error.get("type") == "extra_forbidden":
         return f"`{param}` is not a field limbic knows (see docs/api.md for what it supports)", param

@@ -22,10 +22,27 @@ MAX_CHOICES = 16  # n: every choice is a separate monitored generation
 MAX_TOP_LOGPROBS = 20
 
 
+def _has_lone_surrogate(value: Any) -> bool:
+    if isinstance(value, str):
+        return any("\ud800" <= c <= "\udfff" for c in value)
+    if isinstance(value, dict):
+        return any(_has_lone_surrogate(v) for v in value.values())
+    return isinstance(value, list) and any(_has_lone_surrogate(v) for v in value)
+
+
 class Strict(BaseModel):
-    """A request object: unknown keys are refused, not ignored."""
+    """A request object: unknown keys are refused, not ignored; text must be valid Unicode."""
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode(cls, value: Any) -> Any:
+        # JSON may escape a lone UTF-16 surrogate ("\ud800"); no tokenizer can encode it.
+        for key, item in value.items() if isinstance(value, dict) else ():
+            if _has_lone_surrogate(item):
+                raise FieldError(key, f"`{key}` holds a lone UTF-16 surrogate, which is not valid Unicode")
+        return value
 
 
 class LimbicOptions(Strict):
@@ -55,12 +72,20 @@ class _Refusing(Strict):
         return data
 
 
-class RefusedField(ValueError):
-    """A field limbic does not support; the app turns it into a 400 with ``param`` set to the field."""
+class FieldError(ValueError):
+    """A problem with one field, raised where pydantic cannot locate it (a model validator): the app's 400
+    names ``param`` (after the model's own location)."""
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+class RefusedField(FieldError):
+    """A field limbic does not support."""
 
     def __init__(self, name: str, why: str) -> None:
-        super().__init__(f"`{name}` is not supported by limbic: {why}")
-        self.param = name
+        super().__init__(name, f"`{name}` is not supported by limbic: {why}")
 
 
 class JsonSchemaFormat(Strict):

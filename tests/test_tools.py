@@ -297,6 +297,7 @@ REFUSED_OTHER = [
     ("min_tokens", {"response_format": {"type": "json_object"}, "min_tokens": 3}),
     ("response_format", {"response_format": {"type": "json_schema", "json_schema": {"name": "u", "schema": UNIQUE}}}),
     ("logit_bias", {"logit_bias": {"\u00b2": 1}}),
+    ("messages", {"messages": [{"role": "user", "content": "hi \ud800"}]}),  # a lone surrogate
 ]
 
 
@@ -315,6 +316,7 @@ def test_inconsistent_chat_requests_are_400s(limbic_url, param, extra):
         ("best_of", 3),
         ("prompt", [1_000_000_000]),
         ("prompt", [-1]),
+        ("prompt", "hi \ud800"),  # a lone surrogate
         ("logprobs", 21),
     ],
 )
