@@ -33,6 +33,11 @@ ASK = [{"role": "user", "content": "What is the weather like in Paris today?"}]
 NAMED = {"type": "function", "function": {"name": "get_weather"}}
 
 
+def post_json(url: str, body: dict) -> httpx.Response:
+    """POST with ASCII-escaped JSON, so that even a lone surrogate reaches the server as a client could send it."""
+    return httpx.post(url, content=json.dumps(body), headers={"content-type": "application/json"}, timeout=30)
+
+
 def limbic_of(obj) -> dict:
     return obj.model_extra["limbic"]
 
@@ -303,7 +308,7 @@ REFUSED_OTHER = [
 
 @pytest.mark.parametrize(("param", "extra"), REFUSED_OTHER)
 def test_inconsistent_chat_requests_are_400s(limbic_url, param, extra):
-    response = httpx.post(f"{limbic_url}/v1/chat/completions", json={"model": MODEL, "messages": ASK} | extra)
+    response = post_json(f"{limbic_url}/v1/chat/completions", {"model": MODEL, "messages": ASK} | extra)
     assert response.status_code == 400, response.text
     assert response.json()["error"]["param"].split(".")[0] == param
 
@@ -322,7 +327,7 @@ def test_inconsistent_chat_requests_are_400s(limbic_url, param, extra):
 )
 def test_refused_completion_fields_are_400s_naming_them(limbic_url, field, value):
     body = {"model": MODEL, "prompt": "Hello", field: value}
-    response = httpx.post(f"{limbic_url}/v1/completions", json=body, timeout=30)
+    response = post_json(f"{limbic_url}/v1/completions", body)
     assert response.status_code == 400, response.text
     assert response.json()["error"]["param"].split(".")[0] == field
 
