@@ -165,7 +165,7 @@ class Completion:
             choice.token_ids += step.token_ids
             choice.logprobs += step.logprobs or ()
             choice.finish = step.finish_reason or choice.finish
-        if self.options.token_scores:
+        if self.options.token_scores and not self.request.stream:  # a stream sends them step by step instead
             choice.scores += choice.monitor.token_scores(step, self.options.emotions)
 
     async def steps(self) -> AsyncIterator[tuple[Choice, Step]]:

@@ -20,7 +20,6 @@ from monitors.sinks import AlertSink, MemorySink, RedisStreamSink
 from service.chat_templates import ChatRenderer
 from service.config import Settings
 from service.responses import MemoryResponseStore, RedisResponseStore, ResponseStore
-from service.tools import tool_parser_available
 from vectors import storage
 
 log = logging.getLogger(__name__)
@@ -126,7 +125,7 @@ def chat_renderer(settings: Settings, engine: Engine) -> ChatRenderer:
     """How chat requests become prompts: the model's template, limbic's tool template, or the operator's."""
     parser = settings.tool_call_parser
     if parser is not None:
-        if not tool_parser_available():
+        if not vllm_available():  # vLLM's tool parsers come with vLLM
             raise StartupError("--tool-call-parser needs vLLM's tool parsers: install vLLM (scripts/setup does)")
         from vllm.tool_parsers import ToolParserManager
 
@@ -137,7 +136,7 @@ def chat_renderer(settings: Settings, engine: Engine) -> ChatRenderer:
     if template is not None and not template.is_file():
         raise StartupError(f"--chat-template {template}: no such file")
     renderer = ChatRenderer.for_tokenizer(engine.tokenizer, parser, template)
-    if renderer.tool_call_parser is not None and not tool_parser_available():
+    if renderer.tool_call_parser is not None and not vllm_available():
         renderer = replace(renderer, tool_call_parser=None)  # forced tool calls still work (constrained)
     log.info("tools: chat template %s, parser %s", renderer.tool_template_name, renderer.tool_call_parser)
     return renderer

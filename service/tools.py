@@ -234,9 +234,3 @@ def chat_output(request: ChatCompletionRequest, tokenizer: Any, parser_name: str
         )
     return ParsedCalls(parser_name, tokenizer, request)
 
-
-def tool_parser_available() -> bool:
-    """vLLM's parsers come with vLLM; a transformers-only install can still force calls (constrained)."""
-    import importlib.util
-
-    return importlib.util.find_spec("vllm") is not None
