@@ -50,7 +50,10 @@ class AlertmanagerPush:
 
     def alert(self, event: dict) -> dict:
         started = dt.datetime.fromisoformat(event["time"])
-        where = f"{event['phase']} tokens {event['token_start']}-{event['token_index']}"
+        if event.get("kind") == "trend":
+            where = f"the last {len(event['values'])} turns of conversation {event['conversation_id']}, up to request"
+        else:
+            where = f"{event['phase']} tokens {event['token_start']}-{event['token_index']} of request"
         return {
             "labels": {
                 "alertname": ALERT_NAME,
@@ -63,10 +66,11 @@ class AlertmanagerPush:
                 "summary": f"{event['emotion']} {event['severity']} on {event['model']}",
                 "description": (
                     f"{event['emotion']} scored {event['score']} (threshold {event['threshold']}) over {where} "
-                    f"of request {event['request_id']}."
+                    f"{event['request_id']}; action: {event.get('action', 'observe')}."
                 ),
                 "request_id": event["request_id"],
                 "event_id": event["id"],
+                "action": event.get("action", "observe"),
             },
             "startsAt": started.isoformat(),
             "endsAt": (started + self._resolve_timeout).isoformat(),

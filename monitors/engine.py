@@ -10,12 +10,13 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
+from monitors.mitigation import SteerTrigger
 from monitors.probe import ScoredRows
 from vectors.storage import EmotionVectors, ModelIdentity
 
 Phase = Literal["prompt", "generation"]
 PHASES: tuple[Phase, ...] = ("prompt", "generation")
-FinishReason = Literal["stop", "length", "abort"]
+FinishReason = Literal["stop", "length", "abort", "content_filter"]
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,8 @@ class SamplingParams:
     # Steering at the monitored layer: emotion -> strength as a fraction of the typical residual norm there.
     # Scores are read before the addition, so they show how the model's own state responds to it.
     steer: Mapping[str, float] = field(default_factory=dict)
+    # Steering that starts where an alert rule with action "steer" fires (monitors.mitigation).
+    trigger: SteerTrigger | None = None
 
 
 @dataclass

@@ -13,6 +13,7 @@ import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Collection, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager
 from typing import Any
 
 import torch
@@ -23,8 +24,9 @@ from monitors.channel import Channel
 from monitors.constrained import GrammarCompiler, Matcher
 from monitors.engine import SamplingParams, Step, TokenLogprob
 from monitors.layers import decoder_layers
+from monitors.mitigation import SteeringSchedule
 from monitors.probe import Readout, ResidualProbe, ScoredRows
-from monitors.steering import request_steering, steer
+from monitors.steering import request_steering, steer, steer_rows
 from monitors.text_stream import Generation
 from vectors.storage import EmotionVectors
 
@@ -124,7 +126,11 @@ class TransformersEngine:
         self._probe.drain()
         addition = request_steering(self.vectors, params.steer)
         model = self.loaded.model
-        with contextlib.nullcontext() if addition is None else steer(self._layer, addition):
+        triggered = self._triggered_steering(params, len(prompt_ids))
+        with (
+            contextlib.nullcontext() if addition is None else steer(self._layer, addition),
+            contextlib.nullcontext() if triggered is None else triggered,
+        ):
             out = self._forward(model, [prompt_ids], use_cache=True)
             emit(Step(scores=self._probe.drain(), phase="prompt"))
             while True:
@@ -147,6 +153,30 @@ class TransformersEngine:
                 )
                 if finish is not None:
                     return
+
+    def _triggered_steering(self, params: SamplingParams, prompt_length: int) -> AbstractContextManager | None:
+        """A hook after the probe's: feeds each forward's scores to the request's steering schedule and adds
+        the steering it calls for to the same forward's rows, from the crossing row on."""
+        if params.trigger is None:
+            return None
+        device, dtype = self.loaded.device, next(self._layer.parameters()).dtype
+        schedule = SteeringSchedule(
+            params.trigger,
+            {e: i for i, e in enumerate(self.vectors.emotions)},
+            prompt_length,
+            lambda strengths: request_steering(self.vectors, strengths).to(device, dtype),
+        )
+        position = 0
+
+        def rows_addition(rows: int) -> torch.Tensor | None:
+            nonlocal position
+            z, norms = self._probe.latest()
+            schedule.observe(z.cpu().numpy(), norms.cpu().numpy(), position)
+            addition = schedule.addition(position, rows)
+            position += rows
+            return addition
+
+        return steer_rows(self._layer, rows_addition)
 
     def _matcher(self, params: SamplingParams) -> Matcher | None:
         if params.constraint is None:

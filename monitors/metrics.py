@@ -10,7 +10,7 @@ import threading
 from collections.abc import Callable, Iterator
 
 import numpy as np
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 from prometheus_client.samples import Sample
@@ -142,8 +142,24 @@ class Metrics:
             buckets=LAG_BUCKETS,
             registry=self.registry,
         )
+        self.mitigations = Counter(
+            "limbic_mitigations",
+            "Actions taken on alerts (steer, abort, review).",
+            ["emotion", "severity", "action", "model"],
+            registry=self.registry,
+        )
+        self.reviews_queued = Counter(
+            "limbic_reviews_queued", "Requests queued for human review.", ["model"], registry=self.registry
+        )
+        self.reviews_resolved = Counter(
+            "limbic_reviews_resolved", "Reviews resolved, by verdict.", ["verdict", "model"], registry=self.registry
+        )
+        # The queue is shared through Redis: every replica reports the same number (aggregate with max).
+        self.reviews_open = Gauge(
+            "limbic_reviews_open", "Open items in the review queue.", ["model"], registry=self.registry
+        )
         # Series from start-up, at zero: rate() and increase() cannot see the first event of a series born with it.
-        for family in (self.sink_errors, self.push_errors, self.scoring_lag):
+        for family in (self.sink_errors, self.push_errors, self.scoring_lag, self.reviews_queued, self.reviews_open):
             family.labels(model)
         for phase in PHASES:
             self.tokens.labels(phase, model)

@@ -69,6 +69,10 @@ class ResidualProbe:
         self._pending.append(self.readout.score(hidden.reshape(-1, hidden.shape[-1])))
         self.scoring_seconds += time.perf_counter() - started
 
+    def latest(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The z-scores and norms of the rows the last forward pass scored (for hooks that run after this one)."""
+        return self._pending[-1]
+
     def drain(self) -> ScoredRows:
         """Rows scored since the last drain, in order, moved to the host."""
         if not self._pending:

@@ -13,10 +13,12 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from monitors.alertmanager import AlertmanagerPush
-from monitors.alerts import AlertRule, AlertTracker, Crossing
+from monitors.alerts import MITIGATIONS, AlertRule, AlertTracker, Crossing
+from monitors.conversations import ConversationStore, MemoryConversationStore, TrendRule, trend_crossings
 from monitors.engine import PHASES, Step
 from monitors.metrics import Metrics
 from monitors.probe import scored
+from monitors.reviews import VERDICTS, MemoryReviewQueue, ReviewQueue, new_item
 from monitors.sinks import AlertSink
 
 log = logging.getLogger("limbic.alerts")
@@ -34,25 +36,47 @@ class Monitor:
     sink_norm: float
     include_text: bool = False  # operator opt-in: put the alerting tokens' text into events
     alertmanager: AlertmanagerPush | None = None  # optional direct push, faster than scrape + rule evaluation
+    reviews: ReviewQueue = field(default_factory=lambda: MemoryReviewQueue(1000))
+    conversations: ConversationStore = field(default_factory=lambda: MemoryConversationStore(86400.0, 200))
+    trend_rules: dict[str, TrendRule] = field(default_factory=dict)
+    headline: list[str] = field(default_factory=list)  # emotions summarised in conversation turns and reviews
+    review_include_text: bool = False  # operator opt-in: review items carry the prompt and the response
 
     def __post_init__(self) -> None:
         self.emotion_index = {e: i for i, e in enumerate(self.emotions)}
+        self.trend_rules = {e: r for e, r in self.trend_rules.items() if e in self.emotion_index}
+        wanted = dict.fromkeys([*self.headline, *self.rules, *self.trend_rules])
+        self.headline = [e for e in wanted if e in self.emotion_index]
         # Export every alert series the rules can raise at 0, so Prometheus has a sample before the first
         # alert: increase() in the alerting rules sees nothing in a series that is born at 1.
+        m = self.metrics
         for emotion, rule in self.rules.items():
             for severity, _ in rule.levels():
                 for phase in PHASES:
-                    self.metrics.alerts.labels(emotion, severity, phase, self.model)
+                    m.alerts.labels(emotion, severity, phase, self.model)
+                if rule.action_for(severity) in MITIGATIONS:
+                    m.mitigations.labels(emotion, severity, rule.action_for(severity), self.model)
+        for emotion, trend in self.trend_rules.items():
+            m.alerts.labels(emotion, trend.severity, "conversation", self.model)
+        for verdict in VERDICTS:
+            m.reviews_resolved.labels(verdict, self.model)
 
     def request(
-        self, request_id: str, decode: Callable[[Sequence[int]], str] | None = None, choice: int = 0
+        self,
+        request_id: str,
+        decode: Callable[[Sequence[int]], str] | None = None,
+        choice: int = 0,
+        rules: dict[str, AlertRule] | None = None,
     ) -> RequestMonitor:
-        return RequestMonitor(self, request_id, decode if self.include_text else None, choice)
+        """A choice's monitor; ``rules``: the request's own (the operator's, tightened), else the operator's."""
+        return RequestMonitor(self, request_id, decode if self.include_text else None, choice, rules)
 
     async def dispatch(self, event: dict) -> None:
         """Log, count, store and push one alert event; a failing sink is counted, never fatal to the request."""
         log.warning(json.dumps({"msg": "limbic alert"} | event))
         self.metrics.alerts.labels(event["emotion"], event["severity"], event["phase"], self.model).inc()
+        if event.get("action") in MITIGATIONS:
+            self.metrics.mitigations.labels(event["emotion"], event["severity"], event["action"], self.model).inc()
         try:
             await self.sink.publish(event)
         except Exception:
@@ -61,9 +85,62 @@ class Monitor:
         if self.alertmanager is not None:
             self.alertmanager.submit(event)
 
+    async def queue_review(self, fields: dict) -> dict:
+        item = new_item({"model": self.model, **fields})
+        open_items = await self.reviews.add(item)
+        self.metrics.reviews_queued.labels(self.model).inc()
+        self.metrics.reviews_open.labels(self.model).set(open_items)
+        return item
+
+    async def resolve_review(self, review_id: str, verdict: str, note: str | None) -> dict:
+        item, open_items = await self.reviews.resolve(review_id, verdict, note)  # type: ignore[arg-type]
+        self.metrics.reviews_resolved.labels(verdict, self.model).inc()
+        self.metrics.reviews_open.labels(self.model).set(open_items)
+        return item
+
+    async def record_turn(self, conversation_id: str, turn: dict) -> list[dict]:
+        """Stores a conversation's turn, then raises the trend alerts it completes; returns their events."""
+        longest = max((r.turns for r in self.trend_rules.values()), default=1)
+        recent = await self.conversations.append(conversation_id, turn, longest + 1)
+        events = []
+        for emotion, rule, values in trend_crossings(recent, self.trend_rules):
+            events.append(
+                {
+                    "id": uuid.uuid4().hex,
+                    "time": _now(),
+                    "kind": "trend",
+                    "model": self.model,
+                    "conversation_id": conversation_id,
+                    "request_id": turn["request_id"],
+                    "choice": 0,
+                    "emotion": emotion,
+                    "severity": rule.severity,
+                    "phase": "conversation",
+                    "statistic": rule.statistic,
+                    "values": [round(v, 4) for v in values],
+                    "score": round(values[-1], 4),
+                    "threshold": rule.rise,
+                    "action": "observe",
+                }
+            )
+        for event in events:
+            await self.dispatch(event)
+        return events
+
+    def summaries(self, monitor: RequestMonitor, phase: str) -> dict[str, dict[str, float]]:
+        """A phase's summary restricted to the headline emotions (what turns and reviews keep)."""
+        summary = monitor.summary(phase)
+        return {e: summary[e] for e in self.headline if e in summary}
+
     async def close(self) -> None:
         if self.alertmanager is not None:
             await self.alertmanager.close()
+        await self.reviews.close()
+        await self.conversations.close()
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds")
 
 
 @dataclass
@@ -94,13 +171,16 @@ class RequestMonitor:
     request_id: str
     decode: Callable[[Sequence[int]], str] | None = None
     choice: int = 0  # which of the request's n choices this generation is
+    rules: dict[str, AlertRule] | None = None  # None: the operator's
     alerts: list[dict] = field(default_factory=list)
     _summaries: dict[str, ScoreSummary] = field(default_factory=dict)
     _tokens: dict[str, list[int]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         m = self.monitor
-        self._tracker = AlertTracker(dict(m.rules), m.emotion_index)
+        if self.rules is None:
+            self.rules = dict(m.rules)
+        self._tracker = AlertTracker(dict(self.rules), m.emotion_index)
 
     async def observe(self, step: Step, prompt_ids: Sequence[int] = ()) -> list[dict]:
         """Takes one step's scores; returns the alert events it raised (already dispatched)."""
@@ -125,23 +205,37 @@ class RequestMonitor:
     def summary(self, phase: str) -> dict[str, dict[str, float]]:
         return self._summaries.get(phase, ScoreSummary()).as_dict(self.monitor.emotions)
 
-    def token_scores(self, step: Step, emotions: Sequence[str] | None = None) -> list[dict]:
-        """Per-token scores of a step for the API: sink tokens carry ``null`` scores."""
+    def token_scores(
+        self,
+        step: Step,
+        emotions: Sequence[str] | None = None,
+        token_text: Callable[[int], str] | None = None,
+    ) -> list[dict]:
+        """Per-token scores of a step for the API (sink tokens carry ``null`` scores), with each token's text
+        when ``token_text`` is given: it goes back to the client that sent the text, nowhere else."""
         if step.scores is None:
             return []
         index = self.monitor.emotion_index
         chosen = [e for e in (emotions or self.monitor.emotions) if e in index]
+        tokens = self._tokens.get(step.phase, [])
         rows = []
         keep = scored(step.scores.norms, self.monitor.sink_norm)
         for offset, (z, kept) in enumerate(zip(step.scores.z, keep, strict=True)):
-            scores = {e: round(float(z[index[e]]), 4) for e in chosen} if kept else None
-            rows.append({"phase": step.phase, "index": step.score_start + offset, "scores": scores})
+            position = step.score_start + offset
+            row = {
+                "phase": step.phase,
+                "index": position,
+                "scores": {e: round(float(z[index[e]]), 4) for e in chosen} if kept else None,
+            }
+            if token_text is not None and position < len(tokens):
+                row["text"] = token_text(tokens[position])
+            rows.append(row)
         return rows
 
     def _event(self, crossing: Crossing) -> dict:
         event = {
             "id": uuid.uuid4().hex,
-            "time": dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds"),
+            "time": _now(),
             "model": self.monitor.model,
             "request_id": self.request_id,
             "choice": self.choice,
@@ -152,6 +246,7 @@ class RequestMonitor:
             "threshold": crossing.threshold,
             "token_start": crossing.start,
             "token_index": crossing.position,
+            "action": self.rules[crossing.emotion].action_for(crossing.severity),
         }
         if self.decode is not None:
             tokens = self._tokens.get(crossing.phase, [])

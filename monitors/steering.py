@@ -6,7 +6,7 @@ adds a twentieth of a typical token's norm along the desperate direction at ever
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Annotated
 
@@ -49,6 +49,26 @@ def steer(layer: nn.Module, addition: torch.Tensor) -> Iterator[None]:
         return output + addition.to(output.dtype)
 
     addition = addition.to(next(layer.parameters()).device)
+    handle = layer.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+@contextmanager
+def steer_rows(layer: nn.Module, addition_for: Callable[[int], torch.Tensor | None]) -> Iterator[None]:
+    """While open, every forward pass through ``layer`` (one sequence) gets ``addition_for(rows)`` added:
+    None, one [hidden] vector, or one row per token, decided during the pass (triggered steering)."""
+
+    def hook(module: nn.Module, inputs: tuple, output: object) -> object:
+        hidden = output[0] if isinstance(output, tuple) else output
+        addition = addition_for(hidden.shape[-2])
+        if addition is None:
+            return output
+        steered = hidden + addition.to(hidden.dtype)
+        return (steered, *output[1:]) if isinstance(output, tuple) else steered
+
     handle = layer.register_forward_hook(hook)
     try:
         yield

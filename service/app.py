@@ -8,7 +8,7 @@ import time
 from collections.abc import AsyncIterator, Coroutine
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 from fastapi import FastAPI, Query, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -16,13 +16,14 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
 
 from monitors.engine import Engine
+from monitors.reviews import AlreadyResolved, ReviewNotFound
 from monitors.session import Monitor
-from service import analysis, completions, errors, responses, runtime
+from service import analysis, completions, errors, responses, runtime, ui
 from service.analysis import TextTooLong
 from service.chat_templates import ChatRenderer
 from service.config import Settings
 from service.errors import APIError
-from service.protocol import AnalyzeRequest, ChatCompletionRequest, CompletionRequest
+from service.protocol import AnalyzeRequest, ChatCompletionRequest, CompletionRequest, ReviewVerdict
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -93,6 +94,7 @@ def create_app(settings: Settings, engine: Engine | None = None, close_engine: b
 
     app = FastAPI(title="limbic", version="0.1.0", lifespan=lifespan)
     errors.install(app)
+    ui.mount(app)
 
     @app.exception_handler(ClientDisconnected)
     async def _gone(request: Request, exc: ClientDisconnected) -> Response:
@@ -101,9 +103,21 @@ def create_app(settings: Settings, engine: Engine | None = None, close_engine: b
     def state(request: Request) -> State:
         return request.app.state.limbic
 
-    async def _run(request: Request, body: ChatCompletionRequest | CompletionRequest) -> Response:
+    def prepare(request: Request, body: ChatCompletionRequest | CompletionRequest) -> completions.Completion:
         s = state(request)
-        completion = completions.prepare(s.engine, s.monitor, s.renderer, body, s.served_names, s.settings.steer)
+        return completions.prepare(
+            s.engine,
+            s.monitor,
+            s.renderer,
+            body,
+            s.served_names,
+            s.settings.steer,
+            s.settings.allow_request_rules,
+            conversation_id(s.settings, request, body),
+        )
+
+    async def _run(request: Request, body: ChatCompletionRequest | CompletionRequest) -> Response:
+        completion = prepare(request, body)
         if body.stream:
             return StreamingResponse(
                 completions.stream(completion),
@@ -131,7 +145,7 @@ def create_app(settings: Settings, engine: Engine | None = None, close_engine: b
         except ValidationError as exc:
             message, param = errors.describe(exc.errors()[0])
             raise APIError(400, message, param=param) from exc
-        completion = completions.prepare(s.engine, s.monitor, s.renderer, chat, s.served_names, s.settings.steer)
+        completion = prepare(request, chat)
         response_id, created = responses.new_response_id(), time.time()
 
         async def remember(response: dict) -> None:
@@ -220,6 +234,46 @@ def create_app(settings: Settings, engine: Engine | None = None, close_engine: b
         ]
         return {"object": "list", "sink": s.monitor.sink.name, "data": events[:limit]}
 
+    @app.get("/v1/conversations")
+    async def conversations(
+        request: Request, flagged: bool = False, limit: int = Query(default=50, ge=1, le=1000)
+    ) -> dict:
+        s = state(request)
+        data = await s.monitor.conversations.recent(flagged, limit)
+        return {"object": "list", "store": s.monitor.conversations.name, "data": data}
+
+    @app.get("/v1/conversations/{conversation_id}")
+    async def conversation(request: Request, conversation_id: str) -> dict:
+        found = await state(request).monitor.conversations.get(conversation_id)
+        if found is None:
+            raise APIError(404, f"No conversation `{conversation_id}` (unknown or expired).", param="conversation_id")
+        return {"object": "conversation", **found}
+
+    @app.get("/v1/reviews")
+    async def reviews(
+        request: Request,
+        status: Literal["open", "resolved", "all"] = "open",
+        limit: int = Query(default=100, ge=1, le=1000),
+    ) -> dict:
+        s = state(request)
+        return {"object": "list", "queue": s.monitor.reviews.name, "data": await s.monitor.reviews.items(status, limit)}
+
+    @app.get("/v1/reviews/{review_id}")
+    async def review(request: Request, review_id: str) -> dict:
+        try:
+            return await state(request).monitor.reviews.get(review_id)
+        except ReviewNotFound as exc:
+            raise APIError(404, f"No review `{review_id}`.", param="review_id") from exc
+
+    @app.post("/v1/reviews/{review_id}")
+    async def resolve_review(request: Request, review_id: str, body: ReviewVerdict) -> dict:
+        try:
+            return await state(request).monitor.resolve_review(review_id, body.verdict, body.note)
+        except ReviewNotFound as exc:
+            raise APIError(404, f"No review `{review_id}`.", param="review_id") from exc
+        except AlreadyResolved as exc:
+            raise APIError(409, f"Review `{review_id}` is already resolved.", param="review_id") from exc
+
     @app.get("/metrics")
     async def metrics(request: Request) -> Response:
         return Response(generate_latest(state(request).monitor.metrics.registry), media_type=CONTENT_TYPE_LATEST)
@@ -245,3 +299,24 @@ def create_app(settings: Settings, engine: Engine | None = None, close_engine: b
         }
 
     return app
+
+
+CONVERSATION_HEADER = "X-Limbic-Conversation"
+
+
+def conversation_id(
+    settings: Settings, request: Request, body: ChatCompletionRequest | CompletionRequest
+) -> str | None:
+    """The request's conversation id, from where the operator chose (LIMBIC_CONVERSATION_SOURCE)."""
+    if settings.conversation_source == "header":
+        value, param = request.headers.get(CONVERSATION_HEADER), CONVERSATION_HEADER
+    elif settings.conversation_source == "user":
+        value, param = body.user, "user"
+    else:
+        key = settings.conversation_metadata_key
+        value, param = (body.metadata or {}).get(key), f"metadata.{key}"
+    if value is None:
+        return None
+    if not 1 <= len(value) <= 256 or not value.isprintable():
+        raise APIError(400, f"{param}: a conversation id is 1-256 printable characters", param=param)
+    return value

@@ -12,22 +12,27 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import jinja2
 
+from monitors.alerts import AlertRule, RuleChangeError, tightened
 from monitors.channel import Channel
 from monitors.constrained import check_json_schema
 from monitors.engine import Engine, JsonConstraint, SamplingParams, Step, TokenLogprob
+from monitors.mitigation import SteerTrigger
 from monitors.session import Monitor, RequestMonitor
 from service.chat_templates import ChatRenderer, TemplateError
 from service.errors import APIError
 from service.protocol import ChatCompletionRequest, CompletionRequest, LimbicOptions
 from service.tools import ChatOutput, chat_output
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -43,6 +48,7 @@ class Choice:
     logprobs: list[TokenLogprob] = field(default_factory=list)
     scores: list[dict] = field(default_factory=list)  # per-token scores, when the request asks for them
     finish: str | None = None
+    actions: list[dict] = field(default_factory=list)  # what limbic did on this choice's alerts
     called_tools: bool = False  # a tool-call delta was streamed
     logprob_chars: int = 0  # characters of token text whose log-probabilities were streamed
 
@@ -70,9 +76,7 @@ class _Format:
             text = token_text(token_id)
             return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
 
-        content = [
-            item(e.token_id, e.logprob) | {"top_logprobs": [item(t, lp) for t, lp in e.top]} for e in entries
-        ]
+        content = [item(e.token_id, e.logprob) | {"top_logprobs": [item(t, lp) for t, lp in e.top]} for e in entries]
         return {"content": content, "refusal": None}
 
 
@@ -118,7 +122,9 @@ class Completion:
     steer: dict[str, float] = field(default_factory=dict)
     template: str | None = None  # which chat template rendered the prompt (chat only)
     id: str = ""
+    conversation_id: str | None = None  # links this request to the turns before it
     created: int = field(default_factory=lambda: int(time.time()))
+    prompt_aborted: bool = False  # a prompt alert's action ended every choice
 
     @property
     def options(self) -> LimbicOptions:
@@ -138,7 +144,10 @@ class Completion:
             "prompt": self.choices[0].monitor.summary("prompt"),
             "generation": choice.monitor.summary("generation"),
             "alerts": choice.monitor.alerts,
+            "actions": choice.actions,
         }
+        if self.conversation_id is not None:
+            extension["conversation_id"] = self.conversation_id
         if len(self.choices) > 1:
             extension["choice"] = choice.index
         if self.steer:
@@ -157,24 +166,46 @@ class Completion:
             return None
         return self.fmt.logprobs(entries, self.token_text, offset)
 
-    async def _observe(self, choice: Choice, step: Step) -> None:
+    @property
+    def monitor(self) -> Monitor:
+        return self.choices[0].monitor.monitor
+
+    async def _observe(self, choice: Choice, step: Step) -> tuple[Step, list[dict]]:
+        """Monitors one step; returns it (ended with ``content_filter`` if an alert's action aborts the
+        generation) and the alert events it raised."""
+        events: list[dict] = []
         if step.phase == "prompt" and choice.index > 0:
-            return  # every choice's engine request scores the prompt; choice 0 reports it
-        await choice.monitor.observe(step, self.prompt_ids)
+            pass  # every choice's engine request scores the prompt; choice 0 reports it
+        else:
+            events = await choice.monitor.observe(step, self.prompt_ids)
+        choice.actions += [_action(event) for event in events if event["action"] != "observe"]
+        aborted = any(event["action"] == "abort" for event in events)
+        if step.phase == "prompt" and aborted:
+            self.prompt_aborted = True
+        if step.finish_reason is None and (aborted or self.prompt_aborted):
+            step = replace(step, finish_reason="content_filter")
         if step.phase == "generation":
             choice.token_ids += step.token_ids
             choice.logprobs += step.logprobs or ()
-            choice.finish = step.finish_reason or choice.finish
+        choice.finish = step.finish_reason or choice.finish
         if self.options.token_scores and not self.request.stream:  # a stream sends them step by step instead
-            choice.scores += choice.monitor.token_scores(step, self.options.emotions)
+            choice.scores += self.token_scores(choice, step)
+        return step, events
 
-    async def steps(self) -> AsyncIterator[tuple[Choice, Step]]:
-        """Every choice's engine steps, monitored as they are produced rather than as the client reads them.
+    def token_scores(self, choice: Choice, step: Step) -> list[dict]:
+        if step.phase == "prompt" and choice.index > 0:
+            return []  # choice 0 reports the prompt
+        return choice.monitor.token_scores(step, self.options.emotions, self.token_text)
+
+    async def steps(self) -> AsyncIterator[tuple[Choice, Step, list[dict]]]:
+        """Every choice's engine steps, monitored as they are produced rather than as the client reads them,
+        with the alert events each raised.
 
         A task per choice runs generation and monitoring, so a slow SSE reader delays neither alerts nor
         metrics; leaving this generator (a client disconnect) cancels the tasks, which aborts generation.
+        When all choices end, review items and the conversation's turn are recorded.
         """
-        channel: Channel[tuple[Choice, Step]] = Channel()
+        channel: Channel[tuple[Choice, Step, list[dict]]] = Channel()
         running = len(self.choices)
 
         async def monitored(choice: Choice) -> None:
@@ -183,8 +214,10 @@ class Completion:
                 # aclosing: a cancelled task ends (and vLLM aborts) the engine's request now, not at GC.
                 async with contextlib.aclosing(self.engine.generate(self.prompt_ids, choice.params)) as steps:
                     async for step in steps:
-                        await self._observe(choice, step)
-                        channel.put((choice, step))
+                        observed, events = await self._observe(choice, step)
+                        channel.put((choice, observed, events))
+                        if observed.finish_reason == "content_filter":
+                            break  # an alert's action ended this generation: leaving aborts the engine's request
             except Exception as exc:
                 channel.fail(exc)
             finally:
@@ -200,6 +233,68 @@ class Completion:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            # Shielded: a client that left still leaves its review items and its turn behind.
+            await asyncio.shield(self._follow_up())
+
+    async def _follow_up(self) -> None:
+        monitor = self.monitor
+        for choice in self.choices:
+            if any(event["action"] == "review" for event in choice.monitor.alerts):
+                try:
+                    await monitor.queue_review(self._review_fields(choice))
+                except Exception:
+                    log.exception("request %s: the review queue failed to store an item", self.id)
+        if self.conversation_id is not None:
+            try:
+                await monitor.record_turn(self.conversation_id, self._turn())
+            except Exception:
+                log.exception("request %s: the conversation store failed to record a turn", self.id)
+
+    def _review_fields(self, choice: Choice) -> dict:
+        monitor = self.monitor
+        fields = {
+            "request_id": self.id,
+            "choice": choice.index,
+            "conversation_id": self.conversation_id,
+            "alerts": ([] if choice.index == 0 else self.choices[0].monitor.alerts) + choice.monitor.alerts,
+            "actions": choice.actions,
+            "prompt": monitor.summaries(self.choices[0].monitor, "prompt"),
+            "generation": monitor.summaries(choice.monitor, "generation"),
+            "finish_reason": choice.finish_reason(),
+            "tokens": {"prompt": len(self.prompt_ids), "generation": len(choice.token_ids)},
+        }
+        if monitor.review_include_text:  # the operator's opt-in
+            fields["text"] = {
+                "prompt": self.engine.decode(self.prompt_ids),
+                "completion": self.engine.decode(choice.token_ids),
+            }
+        return fields
+
+    def _turn(self) -> dict:
+        first = self.choices[0]
+        alerts = [alert for choice in self.choices for alert in choice.monitor.alerts]
+        return {
+            "request_id": self.id,
+            "model": self.model,
+            "prompt": self.monitor.summaries(first.monitor, "prompt"),
+            "generation": self.monitor.summaries(first.monitor, "generation"),
+            "alerts": [{k: a.get(k) for k in TURN_ALERT_FIELDS} for a in alerts],
+            "finish_reason": first.finish_reason(),
+        }
+
+
+TURN_ALERT_FIELDS = ("id", "emotion", "severity", "phase", "action", "score", "choice", "token_index")
+
+
+def _action(event: dict) -> dict:
+    return {
+        "action": event["action"],
+        "alert_id": event["id"],
+        "emotion": event["emotion"],
+        "severity": event["severity"],
+        "phase": event["phase"],
+        "token_index": event["token_index"],
+    }
 
 
 def _check_token_ids(engine: Engine, fields: Mapping[str, list[int]]) -> None:
@@ -236,6 +331,8 @@ def prepare(
     request: ChatCompletionRequest | CompletionRequest,
     served_names: list[str],
     steer_defaults: Mapping[str, float] | None = None,
+    allow_looser_rules: bool = False,
+    conversation_id: str | None = None,
 ) -> Completion:
     if request.model not in served_names:
         raise APIError(404, f"The model `{request.model}` does not exist.", param="model", code="model_not_found")
@@ -244,6 +341,8 @@ def prepare(
         if unknown:
             raise APIError(400, f"unknown emotions {unknown}", param=param, code="invalid_emotion")
     _check_token_ids(engine, request.token_id_fields)
+    rules = request_rules(monitor, request.limbic.rules, allow_looser_rules)
+    trigger = SteerTrigger.from_rules(rules, monitor.sink_norm)
     template = None
     if isinstance(request, ChatCompletionRequest):
         fmt = CHAT
@@ -282,13 +381,33 @@ def prepare(
         constraint = output.constraint or request.constraint()
         if index == 0 and constraint is not None:
             _check_constraint(request, constraint)
-        params = request.sampling(max_tokens, steer, constraint, seed_offset=index)
-        choices.append(Choice(index, params, monitor.request(request_id, engine.decode, index), output))
-    return Completion(engine, fmt, request.model, prompt_ids, request, choices, steer, template, request_id)
+        params = replace(request.sampling(max_tokens, steer, constraint, seed_offset=index), trigger=trigger)
+        choices.append(Choice(index, params, monitor.request(request_id, engine.decode, index, rules), output))
+    return Completion(
+        engine, fmt, request.model, prompt_ids, request, choices, steer, template, request_id, conversation_id
+    )
+
+
+def request_rules(
+    monitor: Monitor, changes: Mapping[str, Mapping[str, Any]], allow_looser: bool
+) -> dict[str, AlertRule]:
+    """The operator's alert rules with the request's ``limbic.rules`` merged in; a 400 naming the field if
+    one is invalid, names an unknown emotion, or loosens a rule the operator set (unless allowed)."""
+    if not changes:
+        return dict(monitor.rules)
+    for emotion, change in changes.items():
+        steer = change.get("steer")
+        unknown = sorted(({emotion} | set(steer if isinstance(steer, dict) else ())) - set(monitor.emotions))
+        if unknown:
+            raise APIError(400, f"unknown emotions {unknown}", param=f"limbic.rules.{emotion}", code="invalid_emotion")
+    try:
+        return tightened(monitor.rules, changes, allow_looser)
+    except RuleChangeError as exc:
+        raise APIError(400, str(exc), param=exc.param) from exc
 
 
 async def complete(c: Completion) -> dict:
-    async for choice, step in c.steps():
+    async for choice, step, _ in c.steps():
         choice.text.append(step.text)
     first = c.choices[0]
     extension = c.extension(first)
@@ -313,16 +432,16 @@ async def chunks(c: Completion) -> AsyncIterator[dict]:
     """The stream as chunk dicts: each choice's deltas as they are scored, then usage if asked for."""
     started: set[int] = set()
     try:
-        async for choice, step in c.steps():
-            if step.phase == "prompt" and choice.index > 0:
+        async for choice, step, events in c.steps():
+            if step.phase == "prompt" and choice.index > 0 and step.finish_reason is None:
                 continue
             deltas = choice.output.push(step.text, step.token_ids)
             if step.finish_reason is not None:
                 deltas += choice.output.finish()
             choice.called_tools |= any("tool_calls" in d for d in deltas)
-            tokens = choice.monitor.token_scores(step, c.options.emotions) if c.options.token_scores else []
+            tokens = c.token_scores(choice, step) if c.options.token_scores else []
             entries = step.logprobs or ()
-            if not deltas and (tokens or entries or step.finish_reason or choice.index not in started):
+            if not deltas and (tokens or entries or events or step.finish_reason or choice.index not in started):
                 deltas = [{}]
             for n, delta in enumerate(deltas):
                 last = n == len(deltas) - 1
@@ -335,7 +454,9 @@ async def chunks(c: Completion) -> AsyncIterator[dict]:
                     choice.logprob_chars += sum(len(c.token_text(e.token_id)) for e in entries)
                 rendered = c.fmt.chunk_choice(choice.index, delta, finish, logprobs)
                 chunk = c.base(c.fmt.chunk_object) | {"choices": [rendered]}
-                extension = {"tokens": tokens} if tokens and last else {}
+                extension: dict[str, Any] = {"tokens": tokens} if tokens and last else {}
+                if events and last:  # as they happen: a client can react before the reply ends
+                    extension["alerts"] = events
                 if finish is not None:
                     extension |= c.extension(choice)
                 if extension:

@@ -9,6 +9,7 @@ from pydantic import AliasChoices, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from monitors.alerts import AlertRule
+from monitors.conversations import TrendRule
 from monitors.steering import Strength
 
 
@@ -50,6 +51,22 @@ class Settings(BaseSettings):
     # it replaces the default rules: desperate and panicked at the vector set's calibrated thresholds.
     alert_rules: dict[str, AlertRule] | None = None
     alert_include_text: bool = Field(default=False, description="opt in: alert events carry the tokens' text")
+    # Requests may add or tighten rules (extra_body.limbic.rules); with this, also loosen them.
+    allow_request_rules: bool = Field(default=False, description="let requests loosen the operator's alert rules")
+    review_capacity: int = Field(default=10_000, ge=1, description="review items kept (oldest dropped first)")
+    review_include_text: bool = Field(default=False, description="opt in: review items carry prompt and response")
+    # Conversations: where the id comes from (header X-Limbic-Conversation, the request's `user`, or
+    # metadata[conversation_metadata_key]), how long turns are kept, and the trend rules over their turns.
+    conversation_source: Literal["header", "user", "metadata"] = "header"
+    conversation_metadata_key: str = "conversation_id"
+    conversation_ttl_s: float = Field(default=7 * 86400.0, gt=0, description="seconds a conversation is kept")
+    conversation_max_turns: int = Field(default=200, ge=1, description="turns kept per conversation (newest)")
+    # JSON, e.g. LIMBIC_TREND_RULES='{"desperate": {"turns": 3, "rise": 0.5}}'; {} turns trend alerts off.
+    trend_rules: dict[str, TrendRule] = Field(default_factory=lambda: {"desperate": TrendRule()})
+    headline_emotions: list[str] = Field(
+        default_factory=lambda: ["desperate", "panicked", "calm", "afraid"],
+        description="emotions summarised in conversation turns and review items (plus every rule's)",
+    )
     # Optional: also push each alert event to Alertmanager's API, for paging faster than scrape + rule evaluation.
     alertmanager_url: str | None = Field(default=None, description="e.g. http://alertmanager:9093; None = off")
     alertmanager_resolve_timeout: float = Field(

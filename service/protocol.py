@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from monitors.constrained import check_json_schema
 from monitors.engine import JsonConstraint, SamplingParams
+from monitors.reviews import Verdict
 from monitors.steering import Strength
 
 INT64 = 2**63
@@ -54,6 +55,11 @@ class LimbicOptions(Strict):
         default_factory=dict,
         description="emotion -> strength (fraction of the typical residual norm) added at the monitored layer; "
         "merged over the server's LIMBIC_STEER",
+    )
+    rules: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="alert rules for this request (fields as in LIMBIC_ALERT_RULES), merged over the operator's; "
+        "only stricter unless the operator sets LIMBIC_ALLOW_REQUEST_RULES",
     )
 
 
@@ -451,3 +457,10 @@ class AnalyzeItem(Strict):
 class AnalyzeRequest(Strict):
     model: str | None = None
     texts: list[AnalyzeItem] = Field(min_length=1, max_length=256)
+
+
+class ReviewVerdict(Strict):
+    """``POST /v1/reviews/{id}``: a person's verdict on a queued response."""
+
+    verdict: Verdict
+    note: str | None = Field(default=None, max_length=4000)

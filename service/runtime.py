@@ -6,15 +6,18 @@ import importlib.util
 import logging
 from dataclasses import fields, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from monitors import hf_model, model_source
 from monitors.alertmanager import AlertmanagerPush
 from monitors.alerts import AlertRule
+from monitors.conversations import ConversationStore, MemoryConversationStore, RedisConversationStore
 from monitors.engine import Engine
 from monitors.hf_engine import TransformersEngine
 from monitors.metrics import Metrics
+from monitors.reviews import MemoryReviewQueue, RedisReviewQueue, ReviewQueue
 from monitors.session import Monitor
 from monitors.sinks import AlertSink, MemorySink, RedisStreamSink
 from service.chat_templates import ChatRenderer
@@ -37,7 +40,10 @@ def _rebuild_hint(model: str | None) -> str:
 def load_engine(settings: Settings) -> Engine:
     """The configured engine on the configured model, with its vectors checked against that model."""
     source, folder, vectors = _model_and_vectors(settings)
-    for what, emotions in (("alert rules", settings.alert_rules or {}), ("LIMBIC_STEER", settings.steer)):
+    rules = settings.alert_rules or {}
+    checked = [("alert rules", rules), ("LIMBIC_STEER", settings.steer), ("LIMBIC_TREND_RULES", settings.trend_rules)]
+    checked += [(f"the steer map of the {emotion} alert rule", rule.steer) for emotion, rule in rules.items()]
+    for what, emotions in checked:
         unknown = sorted(set(emotions) - set(vectors.emotions))
         if unknown:
             raise StartupError(
@@ -151,6 +157,28 @@ async def open_sink(settings: Settings) -> AlertSink:
         raise StartupError(str(exc)) from exc
 
 
+def _redis(settings: Settings) -> Any:
+    import redis.asyncio
+
+    # Bounded waits: a hung Redis must not hold a response for long (the default is to wait forever).
+    return redis.asyncio.Redis.from_url(
+        settings.redis_url, decode_responses=True, socket_timeout=2.0, socket_connect_timeout=2.0
+    )
+
+
+def open_review_queue(settings: Settings) -> ReviewQueue:
+    if settings.redis_url:
+        return RedisReviewQueue(_redis(settings), "limbic:reviews", settings.review_capacity)
+    return MemoryReviewQueue(settings.review_capacity)
+
+
+def open_conversation_store(settings: Settings) -> ConversationStore:
+    ttl, turns = settings.conversation_ttl_s, settings.conversation_max_turns
+    if settings.redis_url:
+        return RedisConversationStore(_redis(settings), "limbic", ttl, turns)
+    return MemoryConversationStore(ttl, turns)
+
+
 def open_response_store(settings: Settings) -> ResponseStore | None:
     """Where ``previous_response_id`` finds conversations: Redis when configured (shared by replicas), else
     this process's memory; None when the operator keeps none (capacity 0)."""
@@ -209,4 +237,9 @@ def build_monitor(settings: Settings, engine: Engine, sink: AlertSink) -> Monito
         sink_norm=vectors.manifest.calibration.sink_norm,
         include_text=settings.alert_include_text,
         alertmanager=alertmanager,
+        reviews=open_review_queue(settings),
+        conversations=open_conversation_store(settings),
+        trend_rules=dict(settings.trend_rules),
+        headline=list(settings.headline_emotions),
+        review_include_text=settings.review_include_text,
     )

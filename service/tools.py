@@ -233,4 +233,3 @@ def chat_output(request: ChatCompletionRequest, tokenizer: Any, parser_name: str
             "--tool-call-parser NAME (one of vLLM's), or send tool_choice `required` or a named function"
         )
     return ParsedCalls(parser_name, tokenizer, request)
-

@@ -11,7 +11,7 @@ import json
 
 import jsonschema
 import pytest
-from tiny import loaded, random_vectors, tiny_llama
+from tiny import tiny_engine
 
 from monitors.engine import JsonConstraint, SamplingParams
 from monitors.hf_engine import TransformersEngine
@@ -27,10 +27,8 @@ SCHEMA = {
 
 @pytest.fixture(scope="module")
 def engine(default_model_path):
-    model = loaded(tiny_llama(), default_model_path)
-    engine = TransformersEngine(model, random_vectors(model.identity, 2, ["desperate", "calm"]))
-    yield engine
-    asyncio.run(engine.close())
+    with tiny_engine(default_model_path) as engine:
+        yield engine
 
 
 def generate(engine: TransformersEngine, **params) -> list:

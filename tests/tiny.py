@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
+from monitors.hf_engine import TransformersEngine
 from monitors.hf_model import LoadedModel, fingerprint
 from monitors.layers import hidden_size, num_hidden_layers
 from monitors.model_source import ModelSource
@@ -52,3 +58,14 @@ def random_vectors(identity: ModelIdentity, layer: int, emotions: list[str], see
         source="random, for tests",
     )
     return EmotionVectors(Manifest(identity, layer, emotions, calibration), directions)
+
+
+@contextmanager
+def tiny_engine(tokenizer_path: Path) -> Iterator[TransformersEngine]:
+    """The transformers engine on a tiny random Llama, with random desperate and calm vectors at layer 2."""
+    model = loaded(tiny_llama(), tokenizer_path)
+    engine = TransformersEngine(model, random_vectors(model.identity, 2, ["desperate", "calm"]))
+    try:
+        yield engine
+    finally:
+        asyncio.run(engine.close())

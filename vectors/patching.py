@@ -33,9 +33,7 @@ class PatchPlan:
     target: list[int]
 
     @classmethod
-    def make(
-        cls, kind: Positions, source_len: int, target_len: int, span: tuple[int, int] | None = None
-    ) -> PatchPlan:
+    def make(cls, kind: Positions, source_len: int, target_len: int, span: tuple[int, int] | None = None) -> PatchPlan:
         if kind == "last":
             return cls([source_len - 1], [target_len - 1])
         if kind == "aligned":  # position i to position i, the sink (0) left alone
