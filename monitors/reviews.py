@@ -107,18 +107,19 @@ class MemoryReviewQueue:
 
 
 class RedisReviewQueue:
-    """Items in a hash, indexed by sorted sets (by time) of all, open and resolved items; capped at ``capacity``."""
+    """Items in a hash, indexed by sorted sets (in queue order) of all, open and resolved items; capped at
+    ``capacity``."""
 
     name = "redis"
 
     def __init__(self, client: aioredis.Redis, prefix: str, capacity: int) -> None:
         self._client = client
         self._items, self._all = f"{prefix}:items", f"{prefix}:all"
-        self._open, self._resolved = f"{prefix}:open", f"{prefix}:resolved"
+        self._open, self._resolved, self._sequence = f"{prefix}:open", f"{prefix}:resolved", f"{prefix}:sequence"
         self._capacity = capacity
 
     async def add(self, item: dict) -> int:
-        stamp = dt.datetime.fromisoformat(item["time"]).timestamp()
+        stamp = await self._client.incr(self._sequence)  # orders items queued within the same millisecond
         async with self._client.pipeline(transaction=True) as pipe:
             pipe.hset(self._items, item["id"], json.dumps(item))
             pipe.zadd(self._all, {item["id"]: stamp})
@@ -155,7 +156,7 @@ class RedisReviewQueue:
         done = resolved(item, verdict, note)
         async with self._client.pipeline(transaction=True) as pipe:
             pipe.hset(self._items, review_id, json.dumps(done))
-            pipe.zadd(self._resolved, {review_id: dt.datetime.fromisoformat(item["time"]).timestamp()})
+            pipe.zadd(self._resolved, {review_id: await self._client.zscore(self._all, review_id) or 0})
             await pipe.execute()
         return done, await self.open_count()
 

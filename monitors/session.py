@@ -54,8 +54,8 @@ class Monitor:
             for severity, _ in rule.levels():
                 for phase in PHASES:
                     m.alerts.labels(emotion, severity, phase, self.model)
-                if rule.action_for(severity) in MITIGATIONS:
-                    m.mitigations.labels(emotion, severity, rule.action_for(severity), self.model)
+                for action in MITIGATIONS:  # a request may tighten a rule into any of them
+                    m.mitigations.labels(emotion, severity, action, self.model)
         for emotion, trend in self.trend_rules.items():
             m.alerts.labels(emotion, trend.severity, "conversation", self.model)
         for verdict in VERDICTS:
@@ -97,6 +97,13 @@ class Monitor:
         self.metrics.reviews_resolved.labels(verdict, self.model).inc()
         self.metrics.reviews_open.labels(self.model).set(open_items)
         return item
+
+    async def refresh_gauges(self) -> None:
+        """Reads the shared review queue's depth (at scrape time: another replica may have changed it)."""
+        try:
+            self.metrics.reviews_open.labels(self.model).set(await self.reviews.open_count())
+        except Exception:
+            log.warning("review queue %s: could not read its depth", self.reviews.name, exc_info=True)
 
     async def record_turn(self, conversation_id: str, turn: dict) -> list[dict]:
         """Stores a conversation's turn, then raises the trend alerts it completes; returns their events."""

@@ -276,7 +276,9 @@ def create_app(settings: Settings, engine: Engine | None = None, close_engine: b
 
     @app.get("/metrics")
     async def metrics(request: Request) -> Response:
-        return Response(generate_latest(state(request).monitor.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        monitor = state(request).monitor
+        await monitor.refresh_gauges()
+        return Response(generate_latest(monitor.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/health")
     async def health(request: Request) -> Response:

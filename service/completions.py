@@ -179,10 +179,12 @@ class Completion:
         else:
             events = await choice.monitor.observe(step, self.prompt_ids)
         choice.actions += [_action(event) for event in events if event["action"] != "observe"]
-        aborted = any(event["action"] == "abort" for event in events)
-        if step.phase == "prompt" and aborted:
+        aborts = [event for event in events if event["action"] == "abort"]
+        if step.phase == "prompt" and aborts:
             self.prompt_aborted = True
-        if step.finish_reason is None and (aborted or self.prompt_aborted):
+        if aborts and step.phase == "generation":
+            step = self._cut(choice, step, min(event["token_index"] for event in aborts))
+        if aborts or self.prompt_aborted:
             step = replace(step, finish_reason="content_filter")
         if step.phase == "generation":
             choice.token_ids += step.token_ids
@@ -191,6 +193,20 @@ class Completion:
         if self.options.token_scores and not self.request.stream:  # a stream sends them step by step instead
             choice.scores += self.token_scores(choice, step)
         return step, events
+
+    def _cut(self, choice: Choice, step: Step, last: int) -> Step:
+        """The step up to generated token ``last``: under load vLLM hands over several tokens at once, and
+        nothing after an abort's crossing token may reach the client."""
+        keep = last - step.score_start + 1
+        if keep >= len(step.token_ids):
+            return step
+        before = self.engine.decode(choice.token_ids)
+        text = self.engine.decode([*choice.token_ids, *step.token_ids[:keep]])[len(before) :]
+        scores = step.scores
+        if scores is not None:
+            scores = replace(scores, z=scores.z[:keep], norms=scores.norms[:keep])
+        logprobs = None if step.logprobs is None else step.logprobs[:keep]
+        return replace(step, text=text, token_ids=step.token_ids[:keep], scores=scores, logprobs=logprobs)
 
     def token_scores(self, choice: Choice, step: Step) -> list[dict]:
         if step.phase == "prompt" and choice.index > 0:

@@ -1,7 +1,9 @@
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -43,12 +45,17 @@ def wait_http(url: str, process: subprocess.Popen, timeout: float = 240.0) -> No
 
 
 def stop(process: subprocess.Popen) -> None:
+    """Stops a server; one started in its own session (``running``) takes its whole process group with it:
+    vLLM's engine and worker processes outlive a server killed before it finished starting."""
     process.terminate()
     try:
         process.wait(timeout=20)
     except subprocess.TimeoutExpired:
         process.kill()
         process.wait()
+    if getattr(process, "own_group", False):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
 
 
 @pytest.fixture(scope="session")
@@ -107,8 +114,14 @@ def running(args: list[str], ready_url: str, env: dict[str, str] | None = None) 
     """
     with tempfile.TemporaryFile("w+") as log:
         process = subprocess.Popen(
-            args, env={**os.environ, **(env or {})}, stdout=log, stderr=subprocess.STDOUT, text=True
+            args,
+            env={**os.environ, **(env or {})},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
         )
+        process.own_group = True  # type: ignore[attr-defined]
         try:
             wait_http(ready_url, process)
         except Exception:

@@ -9,12 +9,17 @@ import numpy as np
 import pytest
 import torch
 from pydantic import ValidationError
+from starlette.requests import Request
 from tiny import tiny_engine
 
 from monitors.alerts import AlertRule, RuleChangeError, tightened
 from monitors.engine import SamplingParams
 from monitors.hf_engine import TransformersEngine
 from monitors.mitigation import SteeringSchedule, SteerTrigger
+from service.app import conversation_id
+from service.config import Settings
+from service.errors import APIError
+from service.protocol import ChatCompletionRequest
 
 INDEX = {"desperate": 0, "calm": 1}
 OPERATOR = {"desperate": AlertRule(warning=2.0, critical=3.0, min_tokens=3, action={"critical": "review"})}
@@ -172,3 +177,33 @@ def test_engine_steers_from_the_crossing_row_on(engine):
     assert steered_tokens[: g + 1] == tokens[: g + 1]
     assert steered_logprobs[: g + 1] == logprobs[: g + 1]
     assert steered_logprobs[g + 1] != pytest.approx(logprobs[g + 1], abs=1e-6)
+
+
+# --- where a conversation id comes from -----------------------------------------------------------------
+def request_with(headers: dict[str, str]) -> Request:
+    raw = [(k.lower().encode(), v.encode()) for k, v in headers.items()]
+    return Request({"type": "http", "method": "POST", "path": "/", "headers": raw})
+
+
+@pytest.mark.parametrize(
+    ("source", "headers", "body", "expected"),
+    [
+        ("header", {"X-Limbic-Conversation": "c-1"}, {"user": "u-9"}, "c-1"),
+        ("header", {}, {"user": "u-9"}, None),
+        ("user", {"X-Limbic-Conversation": "c-1"}, {"user": "u-9"}, "u-9"),
+        ("metadata", {}, {"metadata": {"conversation_id": "m-3", "other": "x"}}, "m-3"),
+        ("metadata", {}, {"metadata": {"other": "x"}}, None),
+    ],
+)
+def test_the_operator_chooses_where_conversation_ids_come_from(source, headers, body, expected):
+    settings = Settings(conversation_source=source)
+    chat = ChatCompletionRequest.model_validate({"model": "m", "messages": [{"role": "user", "content": "hi"}]} | body)
+    assert conversation_id(settings, request_with(headers), chat) == expected
+
+
+def test_a_conversation_id_must_be_short_and_printable():
+    chat = ChatCompletionRequest.model_validate({"model": "m", "messages": [{"role": "user", "content": "hi"}]})
+    for bad in ("x" * 257, "a\x00b"):
+        with pytest.raises(APIError) as raised:
+            conversation_id(Settings(), request_with({"X-Limbic-Conversation": bad}), chat)
+        assert raised.value.param == "X-Limbic-Conversation"

@@ -30,6 +30,9 @@ REQUIRED_ALERTS = {
     "LimbicAlertRateSurge",
     "LimbicScoringLag",
     "LimbicMonitorDown",
+    "LimbicGenerationAborted",
+    "LimbicReviewBacklog",
+    "LimbicConversationDesperationTrend",
 }
 
 

@@ -37,6 +37,14 @@ pytestmark = pytest.mark.slow
 ROUTES = {"critical": "limbic-page", "warning": "limbic-notify"}  # deploy/alertmanager/alertmanager.yml
 PUSH_RESOLVE_S = 5  # pushed alerts resolve this long after their last event
 ALERT_LABELS = {"alertname", "emotion", "severity", "model", "phase"}
+# The test rules with actions (docs/actions.md), so the dashboard's action panels have series: desperate queues
+# a review, and a panicked rule that never fires (z 50) aborts, so limbic exports its abort counter at 0.
+ACTION_RULES = json.dumps(
+    {
+        "desperate": {**json.loads(TEST_ALERT_RULES)["desperate"], "action": "review"},
+        "panicked": {"warning": 50, "action": "abort"},
+    }
+)
 
 
 def poll(check: Callable[[], Any], timeout: float, what: str) -> Any:
@@ -134,7 +142,7 @@ def alertmanager(receiver: Receiver, workdir: Path) -> Iterator[str]:
 def limbic(redis_url: str, alertmanager: str, default_model_path: Path) -> Iterator[str]:
     env = {
         "REDIS_URL": redis_url,
-        "LIMBIC_ALERT_RULES": TEST_ALERT_RULES,
+        "LIMBIC_ALERT_RULES": ACTION_RULES,
         "LIMBIC_ALERTMANAGER_URL": alertmanager,
         "LIMBIC_ALERTMANAGER_RESOLVE_TIMEOUT": str(PUSH_RESOLVE_S),
     }
@@ -233,9 +241,11 @@ def dashboard_queries() -> list[tuple[str, str]]:
 
 
 def grafana_vars(expr: str) -> str:
-    """Fills Grafana's variables as Grafana would for model = the served model, emotions desperate|panicked."""
+    """Fills Grafana's variables as Grafana would for model = the served model, emotions desperate|panicked, and
+    a one-hour dashboard range."""
     values = {
         "$__rate_interval": "5m",
+        "$__range": "1h",
         "$model": MODEL,
         "$emotion": "(desperate|panicked)",
         "$phase": "(generation|prompt)",
@@ -268,6 +278,17 @@ def test_every_dashboard_query_returns_data(desperate_chat: dict, prometheus: st
             "data"
         ]
         assert {"model": MODEL, "emotion": "desperate"}[label] in found, (variable["name"], found)
+
+
+def test_review_action_reaches_the_metrics_the_dashboard_and_rules_read(desperate_chat: dict, prometheus: str):
+    """The desperate rule's action (review) is on its events, counted as a mitigation and queued for review."""
+    assert {e.get("action") for e in desperate_chat["limbic"]["alerts"]} == {"review"}
+    for promql, what in (
+        (f'limbic_mitigations_total{{action="review",emotion="desperate",model="{MODEL}"}} > 0', "review mitigations"),
+        (f'limbic_reviews_queued_total{{model="{MODEL}"}} > 0', "a queued review"),
+        (f'max by (model) (limbic_reviews_open{{model="{MODEL}"}}) > 0', "an open review"),
+    ):
+        poll(lambda promql=promql: query(prometheus, promql), 30, f"Prometheus to scrape {what}")
 
 
 def test_pushed_alerts_land_in_alertmanager_and_failures_are_counted(alertmanager: str):
