@@ -23,6 +23,7 @@ from service.analysis import TextTooLong
 from service.chat_templates import ChatRenderer
 from service.config import Settings
 from service.errors import APIError
+from service.guard import BodyLimit, KeyGuard
 from service.protocol import AnalyzeRequest, ChatCompletionRequest, CompletionRequest, ReviewVerdict
 
 log = logging.getLogger(__name__)
@@ -95,6 +96,9 @@ def create_app(settings: Settings, engine: Engine | None = None, close_engine: b
     app = FastAPI(title="limbic", version="0.1.0", lifespan=lifespan)
     errors.install(app)
     ui.mount(app)
+    # The last added runs first: keys are checked before any of the body is read.
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+    app.add_middleware(KeyGuard, keys=runtime.key_ring(settings))
 
     @app.exception_handler(ClientDisconnected)
     async def _gone(request: Request, exc: ClientDisconnected) -> Response:

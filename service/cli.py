@@ -36,6 +36,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     settings = _settings(args)
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
+        runtime.key_ring(settings)  # no keys on a public address, unreadable key files: before anything loads
         asyncio.run(_probe_sink(settings))  # fail fast, before the model loads
         engine = runtime.load_engine(settings)
         runtime.chat_renderer(settings, engine)  # a bad template or parser name stops start-up here
@@ -48,6 +49,23 @@ def cmd_serve(args: argparse.Namespace) -> int:
     )
     app = create_app(settings, engine, close_engine=True)
     uvicorn.run(app, host=settings.host, port=settings.port, log_level="info")
+    return 0
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    """Prints a keys-file line (the key's SHA-256); ``new`` also makes the key, shown once on stderr."""
+    import secrets
+
+    from service.guard import hashed_line
+
+    if args.action == "new":
+        key = "lmb-" + secrets.token_urlsafe(32)
+        print(f"key (give it to the client; it is not stored): {key}", file=sys.stderr)
+    else:
+        key = sys.stdin.readline().strip()
+        if not key:
+            return _fail("give the key on standard input, e.g. `limbic keys hash < key.txt`")
+    print(hashed_line(key))
     return 0
 
 
@@ -332,7 +350,19 @@ def build_parser() -> argparse.ArgumentParser:
         dest="tool_call_parser",
         help="vLLM tool parser for tool_choice auto (default: hermes with limbic's bundled ChatML template)",
     )
+    serve.add_argument(
+        "--allow-unauthenticated",
+        dest="allow_unauthenticated",
+        action="store_true",
+        default=None,
+        help="serve a non-loopback --host without API keys (only behind a proxy that authenticates)",
+    )
+    serve.add_argument("--max-body-bytes", dest="max_body_bytes", type=int, help="larger request bodies get a 413")
     serve.set_defaults(func=cmd_serve)
+
+    keys = commands.add_parser("keys", help="API keys for LIMBIC_API_KEYS_FILE / LIMBIC_ADMIN_KEYS_FILE")
+    keys.add_argument("action", choices=["new", "hash"], help="new: a random key and its file line; hash: a key's line")
+    keys.set_defaults(func=cmd_keys)
 
     analyze = commands.add_parser(
         "analyze", help="score JSON lines: {id, text} as plain text, {id, messages} as a chat transcript"

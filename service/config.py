@@ -20,7 +20,7 @@ class Settings(BaseSettings):
     model: str | None = Field(default=None, description="local HF folder or .gguf; None = the default model")
     vectors: Path | None = Field(default=None, description="vector set folder; None = the bundled set")
     served_model_name: str | None = Field(default=None, description="name clients send as `model`")
-    host: str = "127.0.0.1"
+    host: str = Field(default="127.0.0.1", description="without API keys, only a loopback address is allowed")
     port: int = Field(default=8000, ge=1, le=65535)
     device: str = "cpu"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
@@ -73,4 +73,14 @@ class Settings(BaseSettings):
         default=300.0, gt=0, description="seconds after its last event that a pushed alert resolves"
     )
     alertmanager_timeout: float = Field(default=2.0, gt=0, description="seconds one push may take")
+    # Access: bearer keys for inference endpoints and for admin ones (alerts, conversations, reviews), given
+    # comma-separated or as files of `sha256:<hex>` digests (`limbic keys hash`). Without any, limbic serves
+    # loopback only, unless the operator says --allow-unauthenticated.
+    api_keys: str | None = Field(default=None, description="comma-separated keys for inference endpoints")
+    admin_keys: str | None = Field(default=None, description="comma-separated keys for every endpoint")
+    api_keys_file: Path | None = None
+    admin_keys_file: Path | None = None
+    protect_metrics: bool = Field(default=False, description="require an admin key for /metrics too")
+    allow_unauthenticated: bool = Field(default=False, description="serve a non-loopback host without keys")
+    max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024, description="larger request bodies get a 413")
     log_level: str = "INFO"

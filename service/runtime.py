@@ -22,6 +22,7 @@ from monitors.session import Monitor
 from monitors.sinks import AlertSink, MemorySink, RedisStreamSink
 from service.chat_templates import ChatRenderer
 from service.config import Settings
+from service.guard import KeyFileError, KeyRing, is_loopback
 from service.responses import MemoryResponseStore, RedisResponseStore, ResponseStore
 from vectors import storage
 
@@ -155,6 +156,31 @@ async def open_sink(settings: Settings) -> AlertSink:
         return await RedisStreamSink.connect(settings.redis_url, settings.redis_stream, settings.alert_capacity)
     except ConnectionError as exc:
         raise StartupError(str(exc)) from exc
+
+
+def key_ring(settings: Settings) -> KeyRing:
+    """The API keys; refuses to serve a non-loopback address without any unless the operator said so."""
+
+    def split(keys: str | None) -> list[str]:
+        return [k.strip() for k in (keys or "").split(",") if k.strip()]
+
+    try:
+        keys = KeyRing.build(
+            split(settings.api_keys),
+            split(settings.admin_keys),
+            settings.api_keys_file,
+            settings.admin_keys_file,
+            settings.protect_metrics,
+        )
+    except (KeyFileError, OSError) as exc:
+        raise StartupError(f"cannot read API keys: {exc}") from exc
+    if not keys.enabled and not is_loopback(settings.host) and not settings.allow_unauthenticated:
+        raise StartupError(
+            f"refusing to serve {settings.host} without API keys: set LIMBIC_API_KEYS and LIMBIC_ADMIN_KEYS "
+            "(or the _FILE variants), bind 127.0.0.1, or pass --allow-unauthenticated if a proxy in front "
+            "authenticates"
+        )
+    return keys
 
 
 def _redis(settings: Settings) -> Any:

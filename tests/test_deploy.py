@@ -36,11 +36,15 @@ REQUIRED_ALERTS = {
 }
 
 
-def tool(*args: str | Path) -> subprocess.CompletedProcess:
+# The compose stack refuses to start without keys (limbic listens on every interface there).
+KEYS = {"LIMBIC_API_KEYS": "test-inference-key", "LIMBIC_ADMIN_KEYS": "test-admin-key"}
+
+
+def tool(*args: str | Path, keys: bool = True) -> subprocess.CompletedProcess:
     if shutil.which(str(args[0])) is None:
         pytest.fail(f"{args[0]} is not installed: run scripts/setup --test")
     # Without the caller's LIMBIC_* settings, which compose would substitute into the rendered files.
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LIMBIC_")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LIMBIC_")} | (KEYS if keys else {})
     return subprocess.run([str(a) for a in args], capture_output=True, text=True, timeout=60, cwd=ROOT, env=env)
 
 
@@ -108,6 +112,13 @@ def test_settings_compose_leaves_empty_are_unset(monkeypatch):
     settings = Settings()
     assert settings.alert_rules is None and settings.served_model_name is None
     assert settings.alertmanager_url == "http://alertmanager:9093" and settings.alertmanager_resolve_timeout == 300
+
+
+def test_compose_stack_runs_with_keys_or_not_at_all():
+    limbic = compose_config(COMPOSE)["services"]["limbic"]
+    assert {k: limbic["environment"][k] for k in KEYS} == KEYS
+    refused = tool("docker-compose", "-f", COMPOSE, "config", "-q", keys=False)
+    assert refused.returncode != 0 and "LIMBIC_API_KEYS" in refused.stderr
 
 
 def test_compose_validation_rejects_a_broken_file(tmp_path):
