@@ -113,6 +113,10 @@ class Engine(Protocol):
         """Positions scored a second time because the engine recomputed them (vLLM preemption)."""
         return 0
 
+    async def readiness(self) -> dict[str, str]:
+        """Each part the engine needs to serve (engine, score channel) -> "ok" or why it cannot."""
+        ...
+
     async def start(self) -> None:
         """Called once inside the serving event loop, before the first request."""
 

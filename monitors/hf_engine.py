@@ -185,6 +185,10 @@ class TransformersEngine:
             self._grammars = GrammarCompiler(self.loaded.tokenizer, self.loaded.model.config.vocab_size)
         return self._grammars.matcher(params.constraint)
 
+    async def readiness(self) -> dict[str, str]:
+        # The worker thread is the engine: a shut-down executor takes no more work.
+        return {"engine": "stopped" if self._worker._shutdown else "ok"}
+
     async def start(self) -> None:
         pass
 

@@ -5,6 +5,7 @@ Events hold no prompt or response text unless the operator opted in (``Settings.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections import deque
@@ -24,6 +25,10 @@ class AlertSink(Protocol):
         """Newest first."""
         ...
 
+    async def check(self) -> None:
+        """Raises if the sink cannot take events now."""
+        ...
+
     async def close(self) -> None: ...
 
 
@@ -38,6 +43,9 @@ class MemorySink:
 
     async def recent(self, limit: int) -> list[dict]:
         return list(reversed(self._events))[:limit]
+
+    async def check(self) -> None:
+        pass
 
     async def close(self) -> None:
         pass
@@ -55,7 +63,8 @@ class RedisStreamSink:
 
     @classmethod
     async def connect(cls, url: str, stream: str, capacity: int) -> RedisStreamSink:
-        client = aioredis.from_url(url, decode_responses=True)
+        # Bounded waits: a hung Redis must not hold a response (the default is to wait forever).
+        client = aioredis.from_url(url, decode_responses=True, socket_timeout=2.0, socket_connect_timeout=2.0)
         try:
             await client.ping()
         except Exception as exc:
@@ -68,6 +77,9 @@ class RedisStreamSink:
 
     async def publish(self, event: dict) -> None:
         await self._client.xadd(self.stream, {"event": json.dumps(event)}, maxlen=self._capacity, approximate=True)
+
+    async def check(self) -> None:
+        await asyncio.wait_for(self._client.ping(), timeout=2.0)
 
     async def recent(self, limit: int) -> list[dict]:
         entries = await self._client.xrevrange(self.stream, count=limit)

@@ -43,6 +43,10 @@ log = logging.getLogger(__name__)
 os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
 
 
+# Requests waiting this long without one score message from the workers make the server not ready.
+SCORE_SILENCE_S = 30.0
+
+
 @dataclass(frozen=True)
 class VLLMOptions:
     dtype: str = "float32"
@@ -143,6 +147,16 @@ class VLLMEngine:
 
     def recomputed_tokens(self) -> int:
         return self._receiver.recomputed
+
+    async def readiness(self) -> dict[str, str]:
+        llm = getattr(self, "_llm", None)
+        if llm is None:
+            engine = "closed"
+        elif llm.errored:
+            engine = f"vLLM's engine failed: {llm.dead_error!r}"
+        else:
+            engine = "ok"
+        return {"engine": engine, "score_channel": self._receiver.problem(SCORE_SILENCE_S) or "ok"}
 
     # --- lifecycle ----------------------------------------------------------------------------------
     async def start(self) -> None:

@@ -116,6 +116,7 @@ class ScoreReceiver:
         self.messages = 0
         self.worker_times: dict[str, float] = {}  # cumulative seconds the worker reports: forward, scoring
         self.recomputed = 0  # positions that arrived a second time (preempted requests are recomputed)
+        self._heard = time.monotonic()  # the last message, or when requests started waiting for one
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="limbic-score-receiver")
@@ -127,8 +128,20 @@ class ScoreReceiver:
             log.error("limbic: the score reader stopped", exc_info=task.exception())
 
     def open(self, key: str, capacity: int) -> RequestScores:
+        if not self._open:  # nobody was waiting: silence before now says nothing
+            self._heard = time.monotonic()
         scores = self._open[key] = RequestScores(capacity, self.width)
         return scores
+
+    def problem(self, silence_s: float) -> str | None:
+        """Why the channel cannot deliver scores now, or None: the reader stopped, or requests have waited
+        ``silence_s`` seconds without a single message from the workers."""
+        if self._task is not None and self._task.done():
+            return "the score reader stopped"
+        quiet = time.monotonic() - self._heard
+        if self._open and quiet > silence_s:
+            return f"no score message from vLLM's workers for {quiet:.0f} s while {len(self._open)} requests wait"
+        return None
 
     def close_request(self, key: str) -> None:
         self._open.pop(key, None)
@@ -143,6 +156,7 @@ class ScoreReceiver:
 
     def _route(self, frames: list[bytes]) -> None:
         self.messages += 1
+        self._heard = time.monotonic()
         header = json.loads(frames[0])
         keys = header["keys"]
         self.worker_times = header["times"]

@@ -290,6 +290,20 @@ def create_app(settings: Settings, engine: Engine | None = None, close_engine: b
         state(request)
         return Response(status_code=200)
 
+    @app.get("/readyz")
+    async def readyz(request: Request) -> JSONResponse:
+        """Readiness: 200 when every part can serve, else 503 naming what cannot (liveness is /healthz)."""
+        s = state(request)
+        checks = await s.engine.readiness()
+        try:
+            await s.monitor.sink.check()
+            checks["alert_sink"] = "ok"
+        except Exception as exc:
+            checks["alert_sink"] = f"{s.monitor.sink.name} unreachable: {exc!r}"
+        ready = all(value == "ok" for value in checks.values())
+        body = {"status": "ready" if ready else "not ready", "engine": s.engine.kind, "checks": checks}
+        return JSONResponse(body, status_code=200 if ready else 503)
+
     @app.get("/healthz")
     async def healthz(request: Request) -> dict:
         s = state(request)

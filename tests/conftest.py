@@ -66,28 +66,15 @@ def default_model_path() -> Path:
     return model_source.resolve(None).path
 
 
-@pytest.fixture(scope="session")
-def redis_url() -> Iterator[str]:
+@contextmanager
+def redis_server() -> Iterator[str]:
+    """A private redis-server on a free port for the block; yields its URL."""
     if shutil.which("redis-server") is None:
         pytest.fail("redis-server is not installed: run scripts/setup --test")
     port = free_port()
     workdir = tempfile.mkdtemp(prefix="limbic-redis-")
-    process = subprocess.Popen(
-        [
-            "redis-server",
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            workdir,
-        ],
-        stdout=subprocess.DEVNULL,
-    )
+    command = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+    process = subprocess.Popen([*command, "--dir", workdir], stdout=subprocess.DEVNULL)
     import redis
 
     client = redis.Redis(port=port)
@@ -97,9 +84,17 @@ def redis_url() -> Iterator[str]:
             break
         except redis.ConnectionError:
             time.sleep(0.05)
-    yield f"redis://127.0.0.1:{port}/0"
-    stop(process)
-    shutil.rmtree(workdir, ignore_errors=True)
+    try:
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        stop(process)
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    with redis_server() as url:
+        yield url
 
 
 # Low enough that a desperate prompt crosses it, high enough that the neutral prompts in the tests do not.

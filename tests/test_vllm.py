@@ -94,6 +94,9 @@ def engine_counter(url: str, name: str) -> float:
 def test_server_serves_with_vllm(limbic_url):
     health = httpx.get(f"{limbic_url}/healthz").json()
     assert health["engine"] == "vllm"
+    ready = httpx.get(f"{limbic_url}/readyz")
+    assert ready.status_code == 200, ready.text
+    assert ready.json()["checks"] == {"engine": "ok", "score_channel": "ok", "alert_sink": "ok"}
 
 
 def test_batch_invariance_16_concurrent_requests(limbic_url):
