@@ -86,14 +86,18 @@ class ScoreHistograms(Collector):
         yield recent
 
 
-class _EngineCounter(Collector):
-    """A counter the engine keeps (on its worker thread, or from its workers' reports), read at scrape time."""
+class _Reading(Collector):
+    """A value kept elsewhere (the engine's worker thread, its workers' reports, the alert spool), read at
+    scrape time."""
 
-    def __init__(self, name: str, documentation: str, model: str, value: Callable[[], float]) -> None:
+    def __init__(
+        self, name: str, documentation: str, model: str, value: Callable[[], float], family: type = CounterMetricFamily
+    ) -> None:
         self._name, self._documentation, self._model, self._value = name, documentation, model, value
+        self._family = family
 
     def collect(self) -> Iterator[Metric]:
-        family = CounterMetricFamily(self._name, self._documentation, labels=["model"])
+        family = self._family(self._name, self._documentation, labels=["model"])
         family.add_metric([self._model], self._value())
         yield family
 
@@ -119,7 +123,7 @@ class Metrics:
             ("limbic_recomputed_tokens", "Token positions scored again after vLLM recomputed them.", recomputed_tokens),
         )
         for name, documentation, value in engine_counters:
-            self.registry.register(_EngineCounter(name, documentation, model, value))
+            self.registry.register(_Reading(name, documentation, model, value))
         self.tokens = Counter(
             "limbic_tokens_monitored", "Tokens scored by the monitor.", ["phase", "model"], registry=self.registry
         )
@@ -164,6 +168,21 @@ class Metrics:
         for phase in PHASES:
             self.tokens.labels(phase, model)
             self.scores.zero(model, phase)
+
+    def track_spool(self, depth: Callable[[], float], dropped: Callable[[], float]) -> None:
+        """The alert spool's backlog and losses (Redis down longer than the spool holds)."""
+        self.registry.register(
+            _Reading(
+                "limbic_alert_spool_depth",
+                "Alert events held locally, not yet in Redis.",
+                self.model,
+                depth,
+                GaugeMetricFamily,
+            )
+        )
+        self.registry.register(
+            _Reading("limbic_alert_spool_dropped", "Alert events dropped: the spool was full.", self.model, dropped)
+        )
 
     def observe_tokens(self, phase: str, z: np.ndarray) -> None:
         self.scores.observe(self.model, phase, z)

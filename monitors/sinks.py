@@ -13,6 +13,8 @@ from typing import Protocol
 
 import redis.asyncio as aioredis
 
+from monitors.spool import AlertSpool
+
 log = logging.getLogger(__name__)
 
 
@@ -51,6 +53,16 @@ class MemorySink:
         pass
 
 
+# Remembers each delivered event id for a day: longer than any outage the spool can hold.
+DEDUP_TTL_S = 86400
+_ADD_ONCE = """
+if redis.call('SET', KEYS[2], '1', 'NX', 'EX', ARGV[3]) then
+  return redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', 'event', ARGV[1])
+end
+return false
+"""
+
+
 class RedisStreamSink:
     """Appends each event to a capped Redis stream (XADD ... MAXLEN ~ capacity)."""
 
@@ -76,7 +88,9 @@ class RedisStreamSink:
         return cls(client, stream, capacity)
 
     async def publish(self, event: dict) -> None:
-        await self._client.xadd(self.stream, {"event": json.dumps(event)}, maxlen=self._capacity, approximate=True)
+        """Appends the event unless one with its id already arrived (a retried delivery lands once)."""
+        seen = f"{self.stream}:seen:{event['id']}"
+        await self._client.eval(_ADD_ONCE, 2, self.stream, seen, json.dumps(event), self._capacity, DEDUP_TTL_S)  # type: ignore[misc]
 
     async def check(self) -> None:
         await asyncio.wait_for(self._client.ping(), timeout=2.0)
@@ -87,3 +101,30 @@ class RedisStreamSink:
 
     async def close(self) -> None:
         await self._client.aclose()
+
+
+class SpooledSink:
+    """The Redis stream behind a durable local spool (``monitors.spool``): publishing never waits on Redis
+    and loses nothing while it is down."""
+
+    name = "redis"
+
+    def __init__(self, redis: RedisStreamSink, spool: AlertSpool) -> None:
+        self.redis, self.spool = redis, spool
+        self.stream = redis.stream
+
+    async def start(self) -> None:
+        self.spool.start()
+
+    async def publish(self, event: dict) -> None:
+        self.spool.append(event)
+
+    async def recent(self, limit: int) -> list[dict]:
+        return await self.redis.recent(limit)
+
+    async def check(self) -> None:
+        await self.redis.check()
+
+    async def close(self, drain_s: float = 2.0) -> None:
+        await self.spool.close(drain_s)
+        await self.redis.close()

@@ -300,6 +300,10 @@ def create_app(settings: Settings, engine: Engine | None = None, close_engine: b
             checks["alert_sink"] = "ok"
         except Exception as exc:
             checks["alert_sink"] = f"{s.monitor.sink.name} unreachable: {exc!r}"
+        spool = getattr(s.monitor.sink, "spool", None)
+        if spool is not None:
+            full = spool.depth >= spool.capacity
+            checks["alert_spool"] = f"full ({spool.depth} events held; the oldest are dropped)" if full else "ok"
         ready = all(value == "ok" for value in checks.values())
         body = {"status": "ready" if ready else "not ready", "engine": s.engine.kind, "checks": checks}
         return JSONResponse(body, status_code=200 if ready else 503)

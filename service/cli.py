@@ -72,8 +72,8 @@ def cmd_keys(args: argparse.Namespace) -> int:
 async def _probe_sink(settings: Settings) -> None:
     from service import runtime
 
-    sink = await runtime.open_sink(settings)
-    await sink.close()
+    if settings.redis_url:  # the spool is opened by the server itself
+        await (await runtime.open_redis_sink(settings)).close()
 
 
 def _read_items(stream: TextIO, defaults: dict[str, Any]) -> list[tuple[Any, AnalyzeItem | None, str | None]]:

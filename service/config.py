@@ -47,6 +47,9 @@ class Settings(BaseSettings):
     redis_url: str | None = Field(default=None, validation_alias=AliasChoices("LIMBIC_REDIS_URL", "REDIS_URL"))
     redis_stream: str = "limbic:alerts"
     alert_capacity: int = Field(default=10_000, ge=1, description="events kept in the stream or ring buffer")
+    # Events wait in a local file until Redis takes them (survives restarts); past the capacity the oldest go.
+    alert_spool_dir: Path | None = Field(default=None, description="None: <cache dir>/spool")
+    alert_spool_capacity: int = Field(default=100_000, ge=1, description="undelivered events kept locally")
     # JSON, e.g. LIMBIC_ALERT_RULES='{"desperate": {"warning": 2.5, "critical": 4, "min_tokens": 3}}';
     # it replaces the default rules: desperate and panicked at the vector set's calibrated thresholds.
     alert_rules: dict[str, AlertRule] | None = None

@@ -19,7 +19,8 @@ from monitors.hf_engine import TransformersEngine
 from monitors.metrics import Metrics
 from monitors.reviews import MemoryReviewQueue, RedisReviewQueue, ReviewQueue
 from monitors.session import Monitor
-from monitors.sinks import AlertSink, MemorySink, RedisStreamSink
+from monitors.sinks import AlertSink, MemorySink, RedisStreamSink, SpooledSink
+from monitors.spool import AlertSpool, SpoolLocked
 from service.chat_templates import ChatRenderer
 from service.config import Settings
 from service.guard import KeyFileError, KeyRing, is_loopback
@@ -149,13 +150,35 @@ def chat_renderer(settings: Settings, engine: Engine) -> ChatRenderer:
     return renderer
 
 
-async def open_sink(settings: Settings) -> AlertSink:
-    if not settings.redis_url:
-        return MemorySink(settings.alert_capacity)
+async def open_redis_sink(settings: Settings) -> RedisStreamSink:
+    assert settings.redis_url
     try:
         return await RedisStreamSink.connect(settings.redis_url, settings.redis_stream, settings.alert_capacity)
     except ConnectionError as exc:
         raise StartupError(str(exc)) from exc
+
+
+async def open_sink(settings: Settings) -> AlertSink:
+    """The in-process ring buffer, or the Redis stream behind its durable local spool."""
+    if not settings.redis_url:
+        return MemorySink(settings.alert_capacity)
+    redis = await open_redis_sink(settings)
+    spool = AlertSpool(spool_path(settings), settings.alert_spool_capacity, redis.publish)
+    try:
+        spool.open()
+    except (SpoolLocked, OSError) as exc:
+        await redis.close()
+        raise StartupError(f"cannot open the alert spool: {exc}; set LIMBIC_ALERT_SPOOL_DIR") from exc
+    sink = SpooledSink(redis, spool)
+    await sink.start()
+    return sink
+
+
+def spool_path(settings: Settings) -> Path:
+    """One spool file per stream and port: replicas on one machine each keep their own."""
+    folder = settings.alert_spool_dir or model_source.cache_dir() / "spool"
+    stream = "".join(c if c.isalnum() or c in "-_" else "_" for c in settings.redis_stream)
+    return folder / f"{stream}-{settings.port}.jsonl"
 
 
 def key_ring(settings: Settings) -> KeyRing:
@@ -246,6 +269,8 @@ def build_monitor(settings: Settings, engine: Engine, sink: AlertSink) -> Monito
         engine.forward_seconds,
         engine.recomputed_tokens,
     )
+    if isinstance(sink, SpooledSink):
+        metrics.track_spool(lambda: sink.spool.depth, lambda: sink.spool.dropped)
     alertmanager = None
     if settings.alertmanager_url:
         alertmanager = AlertmanagerPush(

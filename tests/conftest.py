@@ -22,6 +22,8 @@ sys.path.insert(0, str(ROOT / "tests"))
 # Every vLLM server in the tests prefills at most 256 tokens per forward pass, so longer prompts are
 # chunked (tested in test_vllm); one setting for all of them also means one torch.compile, then cache hits.
 os.environ.setdefault("LIMBIC_VLLM_MAX_NUM_BATCHED_TOKENS", "256")
+# The servers' alert spools go to a folder of this run, not the user's cache.
+os.environ.setdefault("LIMBIC_ALERT_SPOOL_DIR", tempfile.mkdtemp(prefix="limbic-spool-"))
 
 
 def free_port() -> int:
@@ -67,13 +69,16 @@ def default_model_path() -> Path:
 
 
 @contextmanager
-def redis_server() -> Iterator[str]:
-    """A private redis-server on a free port for the block; yields its URL."""
+def redis_server(port: int | None = None, workdir: str | None = None, durable: bool = False) -> Iterator[str]:
+    """A private redis-server for the block (a free port unless given); yields its URL. ``durable``: every
+    write is in its append-only file, so a restart on the same port and folder keeps the data."""
     if shutil.which("redis-server") is None:
         pytest.fail("redis-server is not installed: run scripts/setup --test")
-    port = free_port()
-    workdir = tempfile.mkdtemp(prefix="limbic-redis-")
-    command = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+    port = port or free_port()
+    own_dir = workdir is None
+    workdir = workdir or tempfile.mkdtemp(prefix="limbic-redis-")
+    persistence = ["--appendonly", "yes", "--appendfsync", "always"] if durable else ["--appendonly", "no"]
+    command = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", *persistence]
     process = subprocess.Popen([*command, "--dir", workdir], stdout=subprocess.DEVNULL)
     import redis
 
@@ -88,7 +93,8 @@ def redis_server() -> Iterator[str]:
         yield f"redis://127.0.0.1:{port}/0"
     finally:
         stop(process)
-        shutil.rmtree(workdir, ignore_errors=True)
+        if own_dir:
+            shutil.rmtree(workdir, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

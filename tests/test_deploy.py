@@ -33,6 +33,8 @@ REQUIRED_ALERTS = {
     "LimbicGenerationAborted",
     "LimbicReviewBacklog",
     "LimbicConversationDesperationTrend",
+    "LimbicAlertSpoolBacklog",
+    "LimbicAlertsDropped",
 }
 
 
