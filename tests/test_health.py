@@ -23,7 +23,7 @@ def test_ready_until_redis_goes_away(engine):
         http.__enter__()
         ready = http.get("/readyz")
         assert ready.status_code == 200, ready.text
-        assert ready.json()["checks"] == {"engine": "ok", "alert_sink": "ok"}
+        assert ready.json()["checks"] == {"engine": "ok", "alert_sink": "ok", "alert_spool": "ok"}
     # The server is gone: not ready, and the reason names the sink; liveness is unaffected.
     gone = http.get("/readyz")
     assert gone.status_code == 503 and gone.json()["status"] == "not ready"

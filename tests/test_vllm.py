@@ -96,7 +96,7 @@ def test_server_serves_with_vllm(limbic_url):
     assert health["engine"] == "vllm"
     ready = httpx.get(f"{limbic_url}/readyz")
     assert ready.status_code == 200, ready.text
-    assert ready.json()["checks"] == {"engine": "ok", "score_channel": "ok", "alert_sink": "ok"}
+    assert ready.json()["checks"] == {"engine": "ok", "score_channel": "ok", "alert_sink": "ok", "alert_spool": "ok"}
 
 
 def test_batch_invariance_16_concurrent_requests(limbic_url):
