@@ -47,6 +47,7 @@ class TransformersEngine:
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="limbic-engine")
         self._grammars: GrammarCompiler | None = None  # built on the first constrained request
         self._forward_seconds = 0.0  # cumulative, on the worker thread; read by metrics
+        self._closing = threading.Event()  # close(): generations stop at their next token
 
     # --- tokenisation -------------------------------------------------------------------------------
     def chat_prompt_ids(self, messages: list[dict[str, str]]) -> list[int]:
@@ -136,7 +137,7 @@ class TransformersEngine:
             while True:
                 token, logprob = sampler.sample(out.logits[0, -1])
                 delta, finish = generation.push(token)
-                if finish is None and cancelled.is_set():
+                if finish is None and (cancelled.is_set() or self._closing.is_set()):
                     finish = "abort"
                 # Feed the token back: this both scores it and yields the logits for the next one.
                 out = self._forward(model, [[token]], past_key_values=out.past_key_values, use_cache=True)
@@ -193,8 +194,9 @@ class TransformersEngine:
         pass
 
     async def close(self) -> None:
+        self._closing.set()
+        await asyncio.to_thread(self._worker.shutdown, wait=True)
         self._probe.remove()
-        self._worker.shutdown(wait=True)
 
 
 class _Sampler:

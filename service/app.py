@@ -22,6 +22,7 @@ from service import analysis, completions, errors, responses, runtime, ui
 from service.analysis import TextTooLong
 from service.chat_templates import ChatRenderer
 from service.config import Settings
+from service.drain import Drain
 from service.errors import APIError
 from service.guard import BodyLimit, KeyGuard
 from service.protocol import AnalyzeRequest, ChatCompletionRequest, CompletionRequest, ReviewVerdict
@@ -84,6 +85,7 @@ def create_app(settings: Settings, engine: Engine | None = None, close_engine: b
             renderer = runtime.chat_renderer(settings, active)
             store = runtime.open_response_store(settings)
             app.state.limbic = State(settings, active, monitor, renderer, store, [active.model_name], time.time())
+            app.state.drain.loop = asyncio.get_running_loop()
             try:
                 yield
             finally:
@@ -94,6 +96,7 @@ def create_app(settings: Settings, engine: Engine | None = None, close_engine: b
                 await active.close()
 
     app = FastAPI(title="limbic", version="0.1.0", lifespan=lifespan)
+    app.state.drain = Drain()  # the CLI's server starts its clock on SIGTERM
     errors.install(app)
     ui.mount(app)
     # The last added runs first: keys are checked before any of the body is read.
@@ -109,7 +112,7 @@ def create_app(settings: Settings, engine: Engine | None = None, close_engine: b
 
     def prepare(request: Request, body: ChatCompletionRequest | CompletionRequest) -> completions.Completion:
         s = state(request)
-        return completions.prepare(
+        completion = completions.prepare(
             s.engine,
             s.monitor,
             s.renderer,
@@ -119,6 +122,8 @@ def create_app(settings: Settings, engine: Engine | None = None, close_engine: b
             s.settings.allow_request_rules,
             conversation_id(s.settings, request, body),
         )
+        completion.drain = request.app.state.drain
+        return completion
 
     async def _run(request: Request, body: ChatCompletionRequest | CompletionRequest) -> Response:
         completion = prepare(request, body)
@@ -286,9 +291,10 @@ def create_app(settings: Settings, engine: Engine | None = None, close_engine: b
 
     @app.get("/health")
     async def health(request: Request) -> Response:
-        """vLLM's probe (benchmark clients such as guidellm check it): 200 with an empty body once serving."""
-        state(request)
-        return Response(status_code=200)
+        """vLLM's probe (benchmark clients such as guidellm check it): 200 with an empty body once serving,
+        503 once the engine has died (as vLLM's own)."""
+        engine = (await state(request).engine.readiness())["engine"]
+        return Response(status_code=200 if engine == "ok" else 503)
 
     @app.get("/readyz")
     async def readyz(request: Request) -> JSONResponse:
@@ -309,10 +315,13 @@ def create_app(settings: Settings, engine: Engine | None = None, close_engine: b
         return JSONResponse(body, status_code=200 if ready else 503)
 
     @app.get("/healthz")
-    async def healthz(request: Request) -> dict:
+    async def healthz(request: Request) -> JSONResponse:
+        """Liveness: 503 once the engine has died (a restart is the cure); what else could stop serving is
+        /readyz's business."""
         s = state(request)
-        return {
-            "status": "ok",
+        engine = (await s.engine.readiness())["engine"]
+        body = {
+            "status": "ok" if engine == "ok" else f"engine down: {engine}",
             "model": s.engine.model_name,
             "engine": s.engine.kind,
             "fingerprint": s.engine.identity.fingerprint,
@@ -321,6 +330,7 @@ def create_app(settings: Settings, engine: Engine | None = None, close_engine: b
             "alert_sink": s.monitor.sink.name,
             "uptime_s": round(time.time() - s.started, 1),
         }
+        return JSONResponse(body, status_code=200 if engine == "ok" else 503)
 
     return app
 

@@ -48,7 +48,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     app = create_app(settings, engine, close_engine=True)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level="info")
+    # SIGTERM: stop accepting, let in-flight generations finish for shutdown_drain_s, then end the rest (a
+    # stream with an in-band error event); uvicorn's own deadline, a little later, is the backstop.
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level="info",
+        timeout_graceful_shutdown=settings.shutdown_drain_s + 5,
+    )
+    DrainingServer(config, app.state.drain, settings.shutdown_drain_s).run()
     return 0
 
 
@@ -67,6 +76,18 @@ def cmd_keys(args: argparse.Namespace) -> int:
             return _fail("give the key on standard input, e.g. `limbic keys hash < key.txt`")
     print(hashed_line(key))
     return 0
+
+
+def DrainingServer(config: Any, drain: Any, drain_s: float) -> Any:
+    """uvicorn's server, starting limbic's drain clock when a shutdown signal arrives."""
+    import uvicorn
+
+    class _Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            drain.begin(drain_s)
+            super().handle_exit(sig, frame)
+
+    return _Server(config)
 
 
 async def _probe_sink(settings: Settings) -> None:

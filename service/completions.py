@@ -28,6 +28,7 @@ from monitors.engine import Engine, JsonConstraint, SamplingParams, Step, TokenL
 from monitors.mitigation import SteerTrigger
 from monitors.session import Monitor, RequestMonitor
 from service.chat_templates import ChatRenderer, TemplateError
+from service.drain import Drain, ShuttingDown
 from service.errors import APIError
 from service.protocol import ChatCompletionRequest, CompletionRequest, LimbicOptions
 from service.tools import ChatOutput, chat_output
@@ -125,6 +126,7 @@ class Completion:
     conversation_id: str | None = None  # links this request to the turns before it
     created: int = field(default_factory=lambda: int(time.time()))
     prompt_aborted: bool = False  # a prompt alert's action ended every choice
+    drain: Drain | None = None  # the server's shutdown clock: ends this generation when it runs out
 
     @property
     def options(self) -> LimbicOptions:
@@ -243,8 +245,9 @@ class Completion:
 
         tasks = [asyncio.create_task(monitored(choice)) for choice in self.choices]
         try:
-            async for item in channel:
-                yield item
+            with self.drain.watching(channel) if self.drain else contextlib.nullcontext():
+                async for item in channel:
+                    yield item
         finally:
             for task in tasks:
                 task.cancel()
@@ -423,8 +426,11 @@ def request_rules(
 
 
 async def complete(c: Completion) -> dict:
-    async for choice, step, _ in c.steps():
-        choice.text.append(step.text)
+    try:
+        async for choice, step, _ in c.steps():
+            choice.text.append(step.text)
+    except ShuttingDown as exc:
+        raise APIError(503, str(exc), type="server_error", code="shutting_down") from exc
     first = c.choices[0]
     extension = c.extension(first)
     if len(c.choices) > 1:
@@ -480,6 +486,8 @@ async def chunks(c: Completion) -> AsyncIterator[dict]:
                 yield chunk
         if c.request.include_usage:
             yield c.base(c.fmt.chunk_object) | {"choices": [], "usage": c.usage()}
+    except ShuttingDown as exc:
+        yield {"error": {"message": str(exc), "type": "server_error", "param": None, "code": "shutting_down"}}
     except Exception as exc:  # the status line is gone; report in-band, as OpenAI's API does
         yield {"error": {"message": f"generation failed: {exc}", "type": "server_error", "param": None, "code": None}}
 
@@ -487,4 +495,6 @@ async def chunks(c: Completion) -> AsyncIterator[dict]:
 async def stream(c: Completion) -> AsyncIterator[str]:
     async for chunk in chunks(c):
         yield sse(chunk)
+        if "error" in chunk:
+            return  # a failed stream ends with its error event, as OpenAI's do: no [DONE]
     yield "data: [DONE]\n\n"

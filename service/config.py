@@ -86,4 +86,7 @@ class Settings(BaseSettings):
     protect_metrics: bool = Field(default=False, description="require an admin key for /metrics too")
     allow_unauthenticated: bool = Field(default=False, description="serve a non-loopback host without keys")
     max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024, description="larger request bodies get a 413")
+    shutdown_drain_s: float = Field(
+        default=30.0, ge=0, description="on SIGTERM: seconds in-flight requests may finish before they are aborted"
+    )
     log_level: str = "INFO"
