@@ -14,6 +14,7 @@ from fastapi import FastAPI, Query, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
+from redis.exceptions import RedisError
 
 from monitors.engine import Engine
 from monitors.reviews import AlreadyResolved, ReviewNotFound
@@ -102,6 +103,12 @@ def create_app(settings: Settings, engine: Engine | None = None, close_engine: b
     # The last added runs first: keys are checked before any of the body is read.
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
     app.add_middleware(KeyGuard, keys=runtime.key_ring(settings))
+
+    @app.exception_handler(RedisError)
+    async def _store_down(request: Request, exc: RedisError) -> Response:
+        # Alerts, conversations and reviews live in Redis: while it is down or hung, say so (not a 500).
+        message = f"the shared store (Redis) is unavailable: {exc.__class__.__name__}; retry shortly"
+        return errors.error_response(503, message, type="server_error", code="store_unavailable")
 
     @app.exception_handler(ClientDisconnected)
     async def _gone(request: Request, exc: ClientDisconnected) -> Response:

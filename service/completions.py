@@ -252,8 +252,13 @@ class Completion:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-            # Shielded: a client that left still leaves its review items and its turn behind.
-            await asyncio.shield(self._follow_up())
+            # In the background: a client that left still leaves its review items and its turn behind, and a
+            # slow Redis holds the answer FOLLOW_UP_WAIT_S at most.
+            follow_up = asyncio.ensure_future(self._follow_up())
+            _FOLLOW_UPS.add(follow_up)
+            follow_up.add_done_callback(_FOLLOW_UPS.discard)
+            with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
+                await asyncio.wait_for(asyncio.shield(follow_up), FOLLOW_UP_WAIT_S)
 
     async def _follow_up(self) -> None:
         monitor = self.monitor
@@ -301,6 +306,9 @@ class Completion:
             "finish_reason": first.finish_reason(),
         }
 
+
+FOLLOW_UP_WAIT_S = 0.25
+_FOLLOW_UPS: set[asyncio.Future] = set()  # running follow-ups, referenced until done (asyncio keeps none)
 
 TURN_ALERT_FIELDS = ("id", "emotion", "severity", "phase", "action", "score", "choice", "token_index")
 
