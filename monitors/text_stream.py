@@ -14,18 +14,30 @@ if TYPE_CHECKING:
 
 
 class TextStream:
+    """Decodes a growing token sequence in constant work per token: only a short window is decoded each time
+    (the tokens since the last settled text, after a few tokens of context, which decoders need for spacing
+    rules), not the whole sequence, so a long generation costs no more per token than a short one."""
+
     def __init__(self, decode: Callable[[Sequence[int]], str], stop: Sequence[str] = (), min_tokens: int = 0) -> None:
         self._decode = decode
         self._stop = [s for s in stop if s]
         self._min_tokens = min_tokens  # stop strings count only once more tokens than this exist (as vLLM)
         self._ids: list[int] = []
-        self._released = 0  # characters of the decoded text already returned
+        self._context = 0  # ids[context:settled] are decoded again with each window, for context
+        self._settled = 0  # ids[:settled] are in self._text
+        self._text = ""  # the text of ids[:settled]: complete characters only
+        self._released = 0  # characters of it already returned
         self.stopped = False
 
     def push(self, token_id: int) -> str:
         """Adds a token; returns the text that became final. Sets ``stopped`` on a stop string."""
         self._ids.append(token_id)
-        text = self._decode(self._ids)
+        before = self._decode(self._ids[self._context : self._settled])
+        window = self._decode(self._ids[self._context :])
+        if len(window) > len(before) and not window.endswith("\ufffd"):  # new complete characters
+            self._text += window[len(before) :]
+            self._context, self._settled = self._settled, len(self._ids)
+        text = self._text
         stops = self._stop if len(self._ids) > self._min_tokens else ()
         for stop in stops:
             at = text.find(stop, max(0, self._released - len(stop)))
@@ -33,15 +45,17 @@ class TextStream:
                 self.stopped = True
                 return self._release(text, at)
         end = len(text)
-        if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence
-            end = len(text.rstrip("\ufffd"))
         if stops:
-            end -= self._stop_prefix_len(text[:end])
+            end -= self._stop_prefix_len(text)
         return self._release(text, max(end, self._released))
 
     def flush(self) -> str:
-        """The held-back text at the end of generation (no stop string completed it)."""
-        return "" if self.stopped else self._release(self._decode(self._ids), None)
+        """The held-back text at the end of generation (no stop string completed it), incomplete characters
+        included, as a full decode would show them."""
+        if self.stopped:
+            return ""
+        tail = self._decode(self._ids[self._context :])[len(self._decode(self._ids[self._context : self._settled])) :]
+        return self._release(self._text + tail, None)
 
     def _release(self, text: str, end: int | None) -> str:
         end = len(text) if end is None else end

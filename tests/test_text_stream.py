@@ -36,11 +36,47 @@ def test_partial_stop_prefix_is_held_then_released():
     assert out[3] == ""  # "ld" might have started "ld!"
 
 
+BYTES = [b"caf", b"\xc3", b"\xa9", b" au", b" lait"]  # byte-level tokens, as GPT-2-style tokenizers have
+
+
+def decode_bytes(ids):
+    return b"".join(BYTES[i] for i in ids).decode("utf-8", errors="replace")
+
+
 def test_incomplete_utf8_is_held_back():
-    pieces = ["caf", "\ufffd", "é"]
-    stream = TextStream(lambda ids: "caf" + ("é" if len(ids) == 3 else "\ufffd" * (len(ids) - 1)))
-    out = [stream.push(i) for i in range(len(pieces))]
-    assert out == ["caf", "", "é"]
+    stream = TextStream(decode_bytes)
+    out = [stream.push(i) for i in range(len(BYTES))]
+    assert out == ["caf", "", "é", " au", " lait"]
+
+
+def test_an_incomplete_character_at_the_end_is_flushed_as_a_full_decode_shows_it():
+    stream = TextStream(decode_bytes)
+    assert [stream.push(i) for i in (0, 1)] == ["caf", ""]
+    assert stream.flush() == "\ufffd"
+
+
+def test_each_push_decodes_a_short_window_not_the_whole_sequence():
+    seen = []
+
+    def counting(ids):
+        seen.append(len(ids))
+        return decode(ids)
+
+    stream = TextStream(counting)
+    for _ in range(200):
+        stream.push(1)  # "lo" again and again
+    assert max(seen) <= 2
+    assert stream.flush() == ""  # everything was already released
+
+
+def test_the_window_decodes_like_the_real_tokenizer(default_model_path):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(default_model_path)
+    text = "Ünïcödé, emoji 🙂🚀 and CJK 漢字 — spaced   out\n\nnew lines."
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    stream = TextStream(lambda window: tokenizer.decode(window, skip_special_tokens=True))
+    assert "".join(stream.push(i) for i in ids) + stream.flush() == tokenizer.decode(ids)
 
 
 def test_min_tokens_holds_off_stop_strings_and_stop_tokens():
