@@ -48,7 +48,7 @@ class ScoredRows:
 
     z: np.ndarray  # [n_tokens, n_emotions]
     norms: np.ndarray  # [n_tokens]
-    scored_at: float = field(default_factory=time.perf_counter)  # when they reached the host: scoring lag
+    scored_at: float = field(default_factory=time.perf_counter)  # when they were scored (vLLM: in the worker)
 
 
 class ResidualProbe:

@@ -49,7 +49,9 @@ class ScorePusher:
     ) -> None:
         self._socket.send_multipart(
             [
-                json.dumps({"keys": keys, "times": times}).encode(),
+                # "sent": when this forward pass scored its rows (CLOCK_MONOTONIC, shared by the processes of
+                # one machine): the API measures scoring lag from it, so a reader that falls behind shows.
+                json.dumps({"keys": keys, "times": times, "sent": time.perf_counter()}).encode(),
                 np.ascontiguousarray(starts, "<i4"),
                 np.ascontiguousarray(positions, "<i4"),
                 np.ascontiguousarray(z, "<f4"),
@@ -70,9 +72,10 @@ class RequestScores:
         self.z = np.zeros((capacity, width), np.float32)
         self.norms = np.zeros(capacity, np.float32)
         self.filled = np.zeros(capacity, bool)
+        self.scored_at = np.zeros(capacity, np.float64)  # when the worker scored each position
         self._arrived = asyncio.Event()
 
-    def write(self, positions: np.ndarray, z: np.ndarray, norms: np.ndarray) -> int:
+    def write(self, positions: np.ndarray, z: np.ndarray, norms: np.ndarray, scored_at: float | None = None) -> int:
         """Stores rows by position; returns how many positions already had scores (recomputed by vLLM)."""
         keep = positions < len(self.filled)  # the one step vLLM may run past the last position we asked for
         positions = positions[keep]
@@ -80,6 +83,7 @@ class RequestScores:
         self.z[positions] = z[keep]
         self.norms[positions] = norms[keep]
         self.filled[positions] = True
+        self.scored_at[positions] = time.perf_counter() if scored_at is None else scored_at
         self._arrived.set()
         return again
 
@@ -98,7 +102,9 @@ class RequestScores:
                 raise ScoreMissing(f"no scores for positions {missing} after {timeout:.0f} s")
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._arrived.wait(), remaining)
-        return ScoredRows(self.z[start:stop].copy(), self.norms[start:stop].copy())
+        # The newest row decides: the lag is then how long the reader took once the last row it needed existed.
+        scored_at = float(self.scored_at[start:stop].max()) if stop > start else time.perf_counter()
+        return ScoredRows(self.z[start:stop].copy(), self.norms[start:stop].copy(), scored_at)
 
 
 class ScoreReceiver:
@@ -113,7 +119,6 @@ class ScoreReceiver:
         self._socket.bind(address)
         self._open: dict[str, RequestScores] = {}
         self._task: asyncio.Task | None = None
-        self.messages = 0
         self.worker_times: dict[str, float] = {}  # cumulative seconds the worker reports: forward, scoring
         self.recomputed = 0  # positions that arrived a second time (preempted requests are recomputed)
         self._heard = time.monotonic()  # the last message, or when requests started waiting for one
@@ -155,10 +160,9 @@ class ScoreReceiver:
                 log.exception("limbic: dropped a malformed score message")
 
     def _route(self, frames: list[bytes]) -> None:
-        self.messages += 1
         self._heard = time.monotonic()
         header = json.loads(frames[0])
-        keys = header["keys"]
+        keys, sent = header["keys"], header.get("sent")
         self.worker_times = header["times"]
         starts = np.frombuffer(frames[1], "<i4")
         positions = np.frombuffer(frames[2], "<i4")
@@ -168,7 +172,7 @@ class ScoreReceiver:
             scores = self._open.get(key)
             if scores is not None:
                 rows = slice(starts[i], starts[i + 1])
-                self.recomputed += scores.write(positions[rows], z[rows], norms[rows])
+                self.recomputed += scores.write(positions[rows], z[rows], norms[rows], sent)
 
     async def close(self) -> None:
         if self._task is not None:
