@@ -26,7 +26,8 @@ MITIGATIONS: tuple[Action, ...] = ("review", "steer", "abort")  # the actions th
 
 
 class AlertRule(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # NaN would compare false both ways: a NaN threshold never fires and would pass as "no looser".
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     warning: float = Field(description="z-score that raises a warning")
     critical: float | None = Field(default=None, description="z-score that raises a critical alert")
@@ -96,7 +97,7 @@ def _check_stricter(emotion: str, base: AlertRule, rule: AlertRule, changed: set
     hint = "requests may only make the operator's rules stricter (LIMBIC_ALLOW_REQUEST_RULES=true lets them loosen)"
     for name in ("warning", "critical", "min_tokens", "hysteresis"):
         before, after = getattr(base, name), getattr(rule, name)
-        if name in changed and before is not None and (after is None or after > before):
+        if name in changed and before is not None and not (after is not None and after <= before):
             message = f"{where}.{name} {after} is looser than the operator's {before}: {hint}"
             raise RuleChangeError(f"{where}.{name}", message)
     for severity, _ in base.levels():

@@ -8,6 +8,7 @@ TTL; without Redis they live in this process's memory.
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
 import time
 from collections import OrderedDict
@@ -26,7 +27,7 @@ class TrendRule(BaseModel):
     """Alert when an emotion's per-turn generation statistic rose at each of the last ``turns`` turns, by at
     least ``rise`` in all."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     turns: int = Field(default=3, ge=2, le=50, description="turns the rise spans")
     rise: float = Field(default=0.5, gt=0, description="total rise in z-score units, first to last turn")
@@ -137,49 +138,54 @@ class MemoryConversationStore:
 
 class RedisConversationStore:
     """Per conversation a list of turns and a hash of counters, both expiring ``ttl_s`` after the last turn;
-    sorted sets (by last turn time) of all and of flagged conversations, pruned of expired ones on write."""
+    sorted sets (by last turn time) of all and of flagged conversations, pruned of expired ones on write and
+    capped at the newest ``capacity``. Keys hold a digest of the id, never the client's string itself."""
 
     name = "redis"
 
-    def __init__(self, client: aioredis.Redis, prefix: str, ttl_s: float, max_turns: int) -> None:
+    def __init__(
+        self, client: aioredis.Redis, prefix: str, ttl_s: float, max_turns: int, capacity: int = 100_000
+    ) -> None:
         self._client, self._prefix = client, prefix
-        self._ttl, self._max_turns = ttl_s, max_turns
+        self._ttl, self._max_turns, self._capacity = ttl_s, max_turns, capacity
         self._all, self._flagged = f"{prefix}:conversations", f"{prefix}:conversations:flagged"
 
     def _keys(self, conversation_id: str) -> tuple[str, str]:
-        return f"{self._prefix}:conversation:{conversation_id}:turns", f"{self._prefix}:conversation:{conversation_id}"
+        digest = hashlib.sha256(conversation_id.encode()).hexdigest()[:32]
+        base = f"{self._prefix}:conversation:{digest}"
+        return f"{base}:turns", f"{base}:meta"
 
     async def append(self, conversation_id: str, turn: dict, recent: int) -> list[dict]:
         turns_key, meta_key = self._keys(conversation_id)
         stamp, now = _now()
         ttl = max(1, int(self._ttl))
-        number = await self._client.hincrby(meta_key, "turns", 1)
-        alerts = len(turn.get("alerts", ()))
         async with self._client.pipeline(transaction=True) as pipe:
-            pipe.rpush(turns_key, json.dumps({"turn": number, "time": stamp, **turn}))
-            pipe.ltrim(turns_key, -self._max_turns, -1)
-            pipe.hincrby(meta_key, "alerts", alerts)
+            pipe.hincrby(meta_key, "turns", 1)
+            pipe.hincrby(meta_key, "alerts", len(turn.get("alerts", ())))
             pipe.hset(meta_key, "last_time", stamp)
+            pipe.rpush(turns_key, json.dumps({"time": stamp, **turn}))
+            pipe.ltrim(turns_key, -self._max_turns, -1)
             pipe.expire(turns_key, ttl)
             pipe.expire(meta_key, ttl)
             pipe.zadd(self._all, {conversation_id: now})
-            pipe.zremrangebyscore(self._all, "-inf", now - self._ttl)
-            pipe.zremrangebyscore(self._flagged, "-inf", now - self._ttl)
+            for index in (self._all, self._flagged):
+                pipe.zremrangebyscore(index, "-inf", now - self._ttl)
+                pipe.zremrangebyrank(index, 0, -self._capacity - 1)
             pipe.lrange(turns_key, -recent, -1)
-            *_, total_alerts, _, _, _, _, _, _, last = await pipe.execute()
-        if total_alerts:
+            total, alerts, *_, last = await pipe.execute()
+        if alerts:
             await self._client.zadd(self._flagged, {conversation_id: now})
-        return [json.loads(t) for t in last]
+        return _numbered(last, total)
 
     async def get(self, conversation_id: str) -> dict | None:
         turns_key, meta_key = self._keys(conversation_id)
-        async with self._client.pipeline(transaction=False) as pipe:
+        async with self._client.pipeline(transaction=True) as pipe:
             pipe.lrange(turns_key, 0, -1)
-            pipe.hget(meta_key, "alerts")
-            turns, alerts = await pipe.execute()
+            pipe.hmget(meta_key, "turns", "alerts")
+            turns, (total, alerts) = await pipe.execute()
         if not turns:
             return None
-        return {"id": conversation_id, "flagged": int(alerts or 0) > 0, "turns": [json.loads(t) for t in turns]}
+        return {"id": conversation_id, "flagged": int(alerts or 0) > 0, "turns": _numbered(turns, int(total or 0))}
 
     async def recent(self, flagged: bool, limit: int) -> list[dict]:
         ids = await self._client.zrevrange(self._flagged if flagged else self._all, 0, limit - 1)
@@ -202,3 +208,9 @@ class RedisConversationStore:
 
     async def close(self) -> None:
         await self._client.aclose()
+
+
+def _numbered(raw: list[str], total: int) -> list[dict]:
+    """The newest ``len(raw)`` of ``total`` turns, each with its number (1 = the conversation's first)."""
+    first = total - len(raw) + 1
+    return [{"turn": first + i, **json.loads(t)} for i, t in enumerate(raw)]

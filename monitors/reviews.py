@@ -78,8 +78,9 @@ class MemoryReviewQueue:
 
     async def add(self, item: dict) -> int:
         self._items[item["id"]] = item
-        while len(self._items) > self._capacity:
-            self._items.popitem(last=False)
+        while len(self._items) > self._capacity:  # resolved items go first, then the oldest open ones
+            resolved_ids = (k for k, v in self._items.items() if v["status"] != "open")
+            del self._items[next(resolved_ids, next(iter(self._items)))]
         return await self.open_count()
 
     async def items(self, status: Status, limit: int) -> list[dict]:
@@ -126,8 +127,11 @@ class RedisReviewQueue:
             pipe.zadd(self._open, {item["id"]: stamp})
             pipe.zcard(self._all)
             *_, size = await pipe.execute()
-        if size > self._capacity:  # drop the oldest items
-            oldest = await self._client.zrange(self._all, 0, size - self._capacity - 1)
+        if size > self._capacity:  # drop the oldest resolved items, then (if need be) the oldest open ones
+            excess = size - self._capacity
+            oldest = await self._client.zrange(self._resolved, 0, excess - 1)
+            if len(oldest) < excess:
+                oldest += await self._client.zrange(self._open, 0, excess - len(oldest) - 1)
             async with self._client.pipeline(transaction=True) as pipe:
                 pipe.hdel(self._items, *oldest)
                 pipe.zrem(self._all, *oldest)

@@ -198,10 +198,17 @@ class RequestMonitor:
         if step.scores is None or not len(step.scores.z):
             return []
         keep = scored(step.scores.norms, self.monitor.sink_norm)
+        crossings = sorted(
+            self._tracker.observe(step.scores.z, step.phase, step.score_start, keep), key=lambda c: c.position
+        )
+        aborts = [c.position for c in crossings if self.rules[c.emotion].action_for(c.severity) == "abort"]
+        if aborts and step.phase == "generation":  # the generation ends at the first abort: nothing after counts
+            crossings = [c for c in crossings if c.position <= aborts[0]]
+            keep = keep & (np.arange(len(keep)) + step.score_start <= aborts[0])
         kept = step.scores.z[keep]
         self._summaries.setdefault(step.phase, ScoreSummary()).add(kept)
         self.monitor.metrics.observe_tokens(step.phase, kept)
-        events = [self._event(c) for c in self._tracker.observe(step.scores.z, step.phase, step.score_start, keep)]
+        events = [self._event(c) for c in crossings]
         for event in events:
             await self.monitor.dispatch(event)
         self.alerts.extend(events)

@@ -55,11 +55,14 @@ class MemorySink:
 
 # Remembers each delivered event id for a day: longer than any outage the spool can hold.
 DEDUP_TTL_S = 86400
+# Added first, then marked seen: a failing XADD leaves the event unmarked, so its retry is not dropped.
 _ADD_ONCE = """
-if redis.call('SET', KEYS[2], '1', 'NX', 'EX', ARGV[3]) then
-  return redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', 'event', ARGV[1])
+if redis.call('EXISTS', KEYS[2]) == 1 then
+  return false
 end
-return false
+local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', 'event', ARGV[1])
+redis.call('SET', KEYS[2], '1', 'EX', ARGV[3])
+return id
 """
 
 

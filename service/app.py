@@ -90,6 +90,7 @@ def create_app(settings: Settings, engine: Engine | None = None, close_engine: b
             try:
                 yield
             finally:
+                await completions.finish_follow_ups(timeout=5.0)  # last review items and turns, then close
                 await monitor.close()
                 await sink.close()
         finally:
@@ -316,7 +317,13 @@ def create_app(settings: Settings, engine: Engine | None = None, close_engine: b
         spool = getattr(s.monitor.sink, "spool", None)
         if spool is not None:
             full = spool.depth >= spool.capacity
-            checks["alert_spool"] = f"full ({spool.depth} events held; the oldest are dropped)" if full else "ok"
+            checks["alert_spool"] = (
+                "delivery stopped: events are held, not sent"
+                if not spool.delivering
+                else f"full ({spool.depth} events held; the oldest are dropped)"
+                if full
+                else "ok"
+            )
         ready = all(value == "ok" for value in checks.values())
         body = {"status": "ready" if ready else "not ready", "engine": s.engine.kind, "checks": checks}
         return JSONResponse(body, status_code=200 if ready else 503)

@@ -176,7 +176,10 @@ class Completion:
         """Monitors one step; returns it (ended with ``content_filter`` if an alert's action aborts the
         generation) and the alert events it raised."""
         events: list[dict] = []
-        if step.phase == "prompt" and choice.index > 0:
+        if self.prompt_aborted and step.phase == "generation" and choice.index > 0:
+            # Choice 0 found an abort in the prompt after this choice had started: none of its text goes out.
+            step = replace(step, text="", token_ids=(), scores=None, logprobs=None)
+        elif step.phase == "prompt" and choice.index > 0:
             pass  # every choice's engine request scores the prompt; choice 0 reports it
         else:
             events = await choice.monitor.observe(step, self.prompt_ids)
@@ -251,14 +254,18 @@ class Completion:
         finally:
             for task in tasks:
                 task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            # In the background: a client that left still leaves its review items and its turn behind, and a
-            # slow Redis holds the answer FOLLOW_UP_WAIT_S at most.
-            follow_up = asyncio.ensure_future(self._follow_up())
+            # Created before any await: a stream whose client left is cancelled again at every await here (an
+            # anyio cancel scope), and must still leave its review items and its turn behind. A slow Redis
+            # holds the answer FOLLOW_UP_WAIT_S at most; the rest finishes in the background.
+            follow_up = asyncio.ensure_future(self._finish(tasks))
             _FOLLOW_UPS.add(follow_up)
             follow_up.add_done_callback(_FOLLOW_UPS.discard)
             with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
                 await asyncio.wait_for(asyncio.shield(follow_up), FOLLOW_UP_WAIT_S)
+
+    async def _finish(self, tasks: list[asyncio.Task]) -> None:
+        await asyncio.gather(*tasks, return_exceptions=True)  # their engine requests are aborted by now
+        await self._follow_up()
 
     async def _follow_up(self) -> None:
         monitor = self.monitor
@@ -309,6 +316,14 @@ class Completion:
 
 FOLLOW_UP_WAIT_S = 0.25
 _FOLLOW_UPS: set[asyncio.Future] = set()  # running follow-ups, referenced until done (asyncio keeps none)
+
+
+async def finish_follow_ups(timeout: float) -> None:
+    """Waits (a bounded time) for review items and turns still being recorded: at shutdown, before the stores
+    close."""
+    if _FOLLOW_UPS:
+        await asyncio.wait(set(_FOLLOW_UPS), timeout=timeout)
+
 
 TURN_ALERT_FIELDS = ("id", "emotion", "severity", "phase", "action", "score", "choice", "token_index")
 

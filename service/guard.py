@@ -24,8 +24,8 @@ Scope_ = Literal["open", "inference", "admin"]
 # Endpoints that show other callers' data or change shared state need an admin key.
 ADMIN_PREFIXES = ("/v1/alerts", "/v1/conversations", "/v1/reviews")
 # Probes and scrapers stay open; the live view's static files too (its API calls carry a key).
-OPEN_PATHS = ("/health", "/healthz", "/readyz")
-OPEN_PREFIXES = ("/ui",)
+OPEN_PATHS = ("/health", "/healthz", "/readyz", "/ui")
+OPEN_PREFIXES = ("/ui/",)
 
 
 class KeyFileError(ValueError):
@@ -137,7 +137,7 @@ class KeyGuard:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or not self.keys.enabled:
             return await self.app(scope, receive, send)
-        required = self.keys.required(scope["path"])
+        required = self.keys.required(_route_path(scope))
         if required == "open":
             return await self.app(scope, receive, send)
         presented = _bearer(scope)
@@ -149,9 +149,15 @@ class KeyGuard:
             )
             return await _refuse(send, 401, message, "invalid_request_error", "invalid_api_key")
         if required == "admin" and granted != "admin":
-            message = f"{scope['path']} shows other callers' data or changes shared state: it needs an admin key."
+            message = f"{_route_path(scope)} shows other callers' data or changes shared state: it needs an admin key."
             return await _refuse(send, 403, message, "permission_error", "insufficient_permissions")
         return await self.app(scope, receive, send)
+
+
+def _route_path(scope: Scope) -> str:
+    """The path the router matches: without the mount point when limbic is served under a prefix."""
+    path, root = scope["path"], scope.get("root_path", "")
+    return path[len(root) :] if root and path.startswith(root) else path
 
 
 def _bearer(scope: Scope) -> str | None:

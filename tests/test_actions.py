@@ -54,6 +54,8 @@ def test_requests_may_tighten_rules_and_add_their_own():
         ({"action": "observe"}, "limbic.rules.desperate.action"),  # critical was review
         ({"min_tokens": 0}, "limbic.rules.desperate.min_tokens"),  # invalid, not only looser
         ({"colour": "red"}, "limbic.rules.desperate.colour"),
+        ({"critical": float("nan")}, "limbic.rules.desperate.critical"),  # NaN never fires
+        ({"warning": float("-inf"), "critical": float("inf")}, "limbic.rules.desperate.warning"),
     ],
 )
 def test_a_request_cannot_loosen_or_break_a_rule(change, param):

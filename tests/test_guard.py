@@ -56,6 +56,9 @@ def test_inference_and_admin_scopes(app_with):
     assert http.post("/v1/reviews/rev_x", json={"verdict": "confirmed"}, headers=bearer(INFERENCE)).status_code == 403
     for path in ("/metrics", "/health", "/healthz", "/ui/"):  # scrapers, probes and the page itself
         assert http.get(path).status_code == 200, path
+    assert http.get("/uix").status_code == 401  # only the page's own paths are open
+    for tricky in ("/v1/alerts/", "/v1/alerts?limit=1", "/v1/%61lerts"):
+        assert http.get(tricky, headers=bearer(INFERENCE)).status_code in (403, 404), tricky
 
 
 def test_the_openai_client_sends_its_key(app_with):
@@ -115,3 +118,10 @@ def test_bodies_over_the_limit_get_a_413_before_parsing(app_with):
     streamed = http.post("/v1/chat/completions", content=chunks(), headers={"content-type": "application/json"})
     assert streamed.status_code == 413 and "LIMBIC_MAX_BODY_BYTES" in streamed.json()["error"]["message"]
     assert http.post("/v1/chat/completions", json=CHAT).status_code == 200  # under it: served
+
+
+def test_scopes_hold_under_a_mount_prefix(engine):
+    app = create_app(Settings(api_keys=INFERENCE, admin_keys=ADMIN), engine)
+    with TestClient(app, root_path="/limbic") as http:  # served behind a proxy at /limbic
+        assert http.get("/limbic/v1/alerts", headers=bearer(INFERENCE)).status_code == 403
+        assert http.get("/limbic/v1/alerts", headers=bearer(ADMIN)).status_code == 200

@@ -3,6 +3,8 @@ conversations; the operator's rules are tests/conftest.py's (desperate: warning 
 
 from __future__ import annotations
 
+import time
+
 import httpx
 import pytest
 from test_api import DESPERATE, MODEL, limbic_of
@@ -214,3 +216,25 @@ def test_token_scores_carry_each_tokens_text(client):
     rows = generated(response)
     assert "".join(r["text"] for r in rows) == response.choices[0].message.content
     assert all("text" in r for r in limbic_of(response)["tokens"])
+
+
+def test_a_stream_left_early_still_queues_its_review(limbic_url):
+    body = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": DESPERATE}],
+        "max_tokens": 200,
+        "ignore_eos": True,
+        "stream": True,
+        "limbic": {"rules": {"desperate": {"action": "review"}}},
+    }
+    with httpx.stream("POST", f"{limbic_url}/v1/chat/completions", json=body, timeout=60) as response:
+        request_id = response.headers["x-request-id"]
+        lines = response.iter_lines()
+        next(line for line in lines if line.startswith("data: "))  # the first chunk, then the client leaves
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        queued = httpx.get(f"{limbic_url}/v1/reviews", params={"status": "all", "limit": 1000}).json()["data"]
+        if any(item["request_id"] == request_id for item in queued):
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"no review item for {request_id}, a stream whose client left")

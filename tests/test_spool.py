@@ -23,9 +23,9 @@ def event(n: int) -> dict:
     return {"id": uuid.uuid4().hex, "n": n, "emotion": "desperate"}
 
 
-def sink(port: int, path: Path, capacity: int = 1000) -> SpooledSink:
+def sink(port: int, path: Path, capacity: int = 1000, stream: str = STREAM) -> SpooledSink:
     client = aioredis.Redis(port=port, decode_responses=True, socket_timeout=1.0, socket_connect_timeout=1.0)
-    redis = RedisStreamSink(client, STREAM, 10_000)
+    redis = RedisStreamSink(client, stream, 10_000)
     spool = AlertSpool(path, capacity, redis.publish)
     spool.open()
     return SpooledSink(redis, spool)
@@ -57,7 +57,8 @@ def test_redis_stopped_and_restarted_mid_traffic_loses_and_repeats_nothing(tmp_p
         await publish(s, range(20, 40))  # Redis is down: publishing goes on, nothing waits on it
         await asyncio.sleep(1.0)
         assert s.spool.depth == 20
-        assert (tmp_path / "spool.jsonl").read_text().count("\n") == 20  # on disk, not only in memory
+        on_disk = [json.loads(line)["n"] for line in (tmp_path / "spool.jsonl").read_text().splitlines()]
+        assert on_disk[-20:] == list(range(20, 40))  # on disk, not only in memory (after the delivered ones)
         with redis_server(port, str(data), durable=True):
             await publish(s, range(40, 60))
             assert await s.spool.drained(30), f"{s.spool.depth} events still held"
@@ -86,7 +87,7 @@ def test_held_events_survive_a_restart(tmp_path):
         assert await s.spool.drained(30)
         assert await stored(port) == list(range(5))
         await s.close()
-        assert path.read_text() == ""
+        assert path.read_text() == ""  # all delivered: the file is emptied on close
 
     with redis_server(port):
         asyncio.run(after_restart())
@@ -116,9 +117,29 @@ def test_the_spool_is_bounded_and_its_depth_and_drops_are_exported(tmp_path):
         assert [e["n"] for e in s.spool._pending] == [2, 3, 4]
         assert metrics.registry.get_sample_value("limbic_alert_spool_depth", {"model": "m"}) == 3
         assert metrics.registry.get_sample_value("limbic_alert_spool_dropped_total", {"model": "m"}) == 2
-        assert [json.loads(line)["n"] for line in (tmp_path / "spool.jsonl").read_text().splitlines()] == [2, 3, 4]
         with pytest.raises(SpoolLocked):
             AlertSpool(tmp_path / "spool.jsonl", 3, s.redis.publish).open()  # one process per spool file
         await s.close(drain_s=0)
+        again = AlertSpool(tmp_path / "spool.jsonl", 3, s.redis.publish)
+        again.open()  # a restart keeps the newest three
+        assert [e["n"] for e in again._pending] == [2, 3, 4]
+        assert [json.loads(line)["n"] for line in (tmp_path / "spool.jsonl").read_text().splitlines()] == [2, 3, 4]
+        await again.close()
+
+    asyncio.run(scenario())
+
+
+def test_delivered_events_are_compacted_away_without_blocking(tmp_path, redis_url):
+    async def scenario() -> None:
+        port = int(redis_url.rsplit(":", 1)[1].split("/")[0])
+        s = sink(port, tmp_path / "spool.jsonl", stream=f"test:{uuid.uuid4().hex}")  # not the suite server's
+        await s.start()
+        await publish(s, range(1500))
+        assert await s.spool.drained(60)
+        await asyncio.sleep(0.5)  # the compaction after the last delivery
+        lines = (tmp_path / "spool.jsonl").read_text().count("\n")
+        assert lines <= 1024, lines  # not a growing log of everything ever delivered
+        assert s.spool.delivering
+        await s.close()
 
     asyncio.run(scenario())

@@ -47,9 +47,9 @@ def test_review_queue_lists_resolves_once_and_drops_the_oldest(queue):
             await q.get("rev_unknown")
         assert [i["request_id"] for i in await q.items("resolved", 10)] == ["r1"]
         assert (await q.get(items[1]["id"]))["resolution"]["note"] == "looked at it"
-        await q.add(items[3])  # over capacity: r0, the oldest, goes
-        assert [i["request_id"] for i in await q.items("all", 10)] == ["r3", "r2", "r1"]
-        assert await q.open_count() == 2
+        await q.add(items[3])  # over capacity: r1, the resolved one, goes before any open item
+        assert [i["request_id"] for i in await q.items("all", 10)] == ["r3", "r2", "r0"]
+        assert await q.open_count() == 3
         await q.close()
 
     asyncio.run(scenario())
@@ -87,6 +87,10 @@ def test_conversations_keep_turns_in_order_and_flag_those_with_alerts(conversati
         (flagged,) = await store.recent(flagged=True, limit=10)
         assert (flagged["id"], flagged["alerts"], flagged["turns"], flagged["flagged"]) == ("loud", 2, 1, True)
         assert await store.get("never") is None
+        # Ids are the client's: one that looks like another's key must not collide with it.
+        await store.append("x", turn(0.1), recent=1)
+        await store.append("x:turns", turn(0.2), recent=1)
+        assert [len((await store.get(cid))["turns"]) for cid in ("x", "x:turns")] == [1, 1]
         await store.close()
 
     asyncio.run(scenario())
