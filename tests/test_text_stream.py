@@ -98,3 +98,37 @@ def test_stop_token_ids_end_even_with_ignore_eos_and_eos_does_not():
     generation = Generation(decode, SamplingParams(max_tokens=10, ignore_eos=True, stop_token_ids=(3,)), {2})
     assert generation.push(2) == (" wor", None)  # EOS ignored: ordinary text
     assert generation.push(3)[1] == "stop"
+
+
+def generation_of(**params):
+    from monitors.engine import SamplingParams
+    from monitors.text_stream import Generation
+
+    return Generation(decode, SamplingParams(**({"max_tokens": 10} | params)), eos_token_ids={6})
+
+
+def run_generation(generation, ids):
+    outputs = []
+    for token in ids:
+        outputs.append(generation.push(token))
+        if outputs[-1][1] is not None:
+            break
+    return "".join(d for d, _ in outputs), outputs[-1][1], len(outputs)
+
+
+def test_eos_stops_counted_and_scored_but_adds_no_text():
+    assert run_generation(generation_of(), [0, 1, 6, 2]) == ("Hello", "stop", 3)
+
+
+def test_ignore_eos_reads_eos_as_text_and_runs_to_length():
+    text, finish, count = run_generation(generation_of(ignore_eos=True, max_tokens=3), [0, 6, 1, 2])
+    assert (text, finish, count) == ("Hel" + PIECES[6] + "lo", "length", 3)
+
+
+def test_length_releases_what_a_stop_prefix_held_back():
+    # " wor" could begin the stop string " world!": held back, then released when max_tokens ends the run.
+    assert run_generation(generation_of(stop=(" world!",), max_tokens=3), [0, 1, 2]) == ("Hello wor", "length", 3)
+
+
+def test_a_stop_string_inside_one_token_cuts_the_token():
+    assert run_generation(generation_of(stop=("l",)), [0, 1]) == ("He", "stop", 1)
