@@ -6,17 +6,35 @@ scores its hooks measured. The service never touches model internals; the monito
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
-from monitors.mitigation import SteerTrigger
-from monitors.probe import ScoredRows
-from vectors.storage import EmotionVectors, ModelIdentity
+import numpy as np
+
+if TYPE_CHECKING:  # the API side imports this module without torch: these two bring it in
+    from monitors.mitigation import SteerTrigger
+    from vectors.storage import EmotionVectors, ModelIdentity
 
 Phase = Literal["prompt", "generation"]
 PHASES: tuple[Phase, ...] = ("prompt", "generation")
 FinishReason = Literal["stop", "length", "abort", "content_filter"]
+
+
+@dataclass
+class ScoredRows:
+    """Scores and residual norms for consecutive token rows of one forward pass."""
+
+    z: np.ndarray  # [n_tokens, n_emotions]
+    norms: np.ndarray  # [n_tokens]
+    scored_at: float = field(default_factory=time.perf_counter)  # when they were scored (vLLM: in the worker)
+
+
+def scored(norms: np.ndarray, sink_norm: float) -> np.ndarray:
+    """Which rows carry a meaningful score: not attention sinks (the first token of a sequence has about 100
+    times the usual residual norm). The one rule serving, metrics, alerts, analysis and steering triggers apply."""
+    return norms < sink_norm
 
 
 @dataclass(frozen=True)

@@ -22,10 +22,10 @@ from torch import nn
 from monitors import hf_model
 from monitors.channel import Channel
 from monitors.constrained import GrammarCompiler, Matcher
-from monitors.engine import SamplingParams, Step, TokenLogprob
+from monitors.engine import SamplingParams, ScoredRows, Step, TokenLogprob
 from monitors.layers import decoder_layers
 from monitors.mitigation import SteeringSchedule
-from monitors.probe import Readout, ResidualProbe, ScoredRows
+from monitors.probe import Readout, ResidualProbe
 from monitors.steering import request_steering, steer, steer_rows
 from monitors.text_stream import Generation
 from vectors.storage import EmotionVectors

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from monitors.alerts import AlertRule, AlertTracker
-from monitors.probe import scored
+from monitors.engine import scored
 
 
 @dataclass(frozen=True)

@@ -7,12 +7,12 @@ Calibration is folded into the projection, so one ``addmm`` turns a [tokens, hid
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from torch import nn
 
+from monitors.engine import ScoredRows
 from monitors.layers import residual_from_output
 from vectors.storage import EmotionVectors
 
@@ -34,21 +34,6 @@ class Readout:
         """z-scores and residual norms (the norms tell attention-sink tokens apart) of [tokens, hidden] rows."""
         rows = rows.float()
         return torch.addmm(self.bias, rows, self.weight_t), torch.linalg.vector_norm(rows, dim=-1)
-
-
-def scored(norms: np.ndarray, sink_norm: float) -> np.ndarray:
-    """Which rows carry a meaningful score: not attention sinks (the first token of a sequence has about 100
-    times the usual residual norm). The one rule serving, metrics, alerts and analysis all apply."""
-    return norms < sink_norm
-
-
-@dataclass
-class ScoredRows:
-    """Scores and residual norms for consecutive token rows of one forward pass."""
-
-    z: np.ndarray  # [n_tokens, n_emotions]
-    norms: np.ndarray  # [n_tokens]
-    scored_at: float = field(default_factory=time.perf_counter)  # when they were scored (vLLM: in the worker)
 
 
 class ResidualProbe:

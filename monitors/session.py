@@ -15,9 +15,8 @@ import numpy as np
 from monitors.alertmanager import AlertmanagerPush
 from monitors.alerts import MITIGATIONS, AlertRule, AlertTracker, Crossing
 from monitors.conversations import ConversationStore, MemoryConversationStore, TrendRule, trend_crossings
-from monitors.engine import PHASES, Step
+from monitors.engine import PHASES, Step, scored
 from monitors.metrics import Metrics
-from monitors.probe import scored
 from monitors.reviews import VERDICTS, MemoryReviewQueue, ReviewQueue, new_item
 from monitors.sinks import AlertSink
 

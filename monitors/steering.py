@@ -8,13 +8,15 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
-import torch
 from pydantic import Field
-from torch import nn
 
-from vectors.storage import EmotionVectors
+if TYPE_CHECKING:  # the API side reads the strength bounds without torch
+    import torch
+    from torch import nn
+
+    from vectors.storage import EmotionVectors
 
 # Beyond about one typical residual norm the model's output degenerates; larger values are surely a mistake.
 MAX_STRENGTH = 2.0
@@ -23,6 +25,8 @@ Strength = Annotated[float, Field(ge=-MAX_STRENGTH, le=MAX_STRENGTH)]  # for set
 
 def steering_vector(vectors: EmotionVectors, strengths: Mapping[str, float], residual_norm: float) -> torch.Tensor:
     """The sum of strength x norm x direction over the named emotions: one [hidden] vector to add."""
+    import torch
+
     unknown = sorted(set(strengths) - set(vectors.emotions))
     if unknown:
         raise ValueError(f"cannot steer with unknown emotions {unknown}")

@@ -29,9 +29,8 @@ from pathlib import Path
 from typing import Any
 
 from monitors import hf_model, vllm_plugin
-from monitors.engine import EngineStartupError, SamplingParams, Step, TokenLogprob
+from monitors.engine import EngineStartupError, SamplingParams, ScoredRows, Step, TokenLogprob
 from monitors.model_source import ModelSource
-from monitors.probe import ScoredRows
 from monitors.text_stream import Generation
 from monitors.vllm_scores import RequestScores, ScoreMissing, ScoreReceiver
 from vectors.storage import EmotionVectors, ModelIdentity

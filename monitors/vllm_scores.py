@@ -22,7 +22,7 @@ import numpy as np
 import zmq
 import zmq.asyncio
 
-from monitors.probe import ScoredRows
+from monitors.engine import ScoredRows
 
 log = logging.getLogger(__name__)
 

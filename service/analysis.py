@@ -13,9 +13,8 @@ from typing import Any, Literal
 
 import numpy as np
 
-from monitors.engine import Engine
+from monitors.engine import Engine, scored
 from monitors.hf_model import chat_spans
-from monitors.probe import scored
 from monitors.session import ScoreSummary
 from service.protocol import AnalyzeItem
 

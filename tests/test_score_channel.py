@@ -62,3 +62,14 @@ def test_rows_are_routed_by_key_and_position(tmp_path):
         await receiver.close()
 
     asyncio.run(scenario())
+
+
+def test_the_api_side_reader_and_monitor_import_without_torch():
+    import subprocess
+    import sys
+
+    modules = "monitors.vllm_scores, monitors.session, monitors.engine, monitors.alerts, monitors.mitigation"
+    check = f"import sys, {modules}; print('torch' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "False"

@@ -16,9 +16,10 @@ from typing import Literal
 import torch
 from torch import nn
 
+from monitors.engine import scored
 from monitors.hf_model import LoadedModel
 from monitors.layers import decoder_layers, residual_from_output
-from monitors.probe import Readout, scored
+from monitors.probe import Readout
 from vectors.activations import tap_layers
 from vectors.storage import EmotionVectors
 

@@ -174,7 +174,8 @@ def token_trajectory(
 ) -> dict:
     """Per-token z-scores of ``emotions`` over a whole transcript, with each token's message index and role:
     the data of the report's pressure-arc figure."""
-    from monitors.probe import Readout, scored
+    from monitors.engine import scored
+    from monitors.probe import Readout
     from vectors.activations import tap_layers
 
     ids, spans = chat_spans(loaded.tokenizer, messages)
