@@ -53,6 +53,12 @@ class MemorySink:
         pass
 
 
+def redis_client(url: str) -> aioredis.Redis:
+    """A client for limbic's shared state (alerts, reviews, conversations), with bounded waits: a hung Redis
+    must not hold a response (the default is to wait forever)."""
+    return aioredis.from_url(url, decode_responses=True, socket_timeout=2.0, socket_connect_timeout=2.0)
+
+
 # Remembers each delivered event id for a day: longer than any outage the spool can hold.
 DEDUP_TTL_S = 86400
 # Added first, then marked seen: a failing XADD leaves the event unmarked, so its retry is not dropped.
@@ -78,8 +84,7 @@ class RedisStreamSink:
 
     @classmethod
     async def connect(cls, url: str, stream: str, capacity: int) -> RedisStreamSink:
-        # Bounded waits: a hung Redis must not hold a response (the default is to wait forever).
-        client = aioredis.from_url(url, decode_responses=True, socket_timeout=2.0, socket_connect_timeout=2.0)
+        client = redis_client(url)
         try:
             await client.ping()
         except Exception as exc:

@@ -82,7 +82,7 @@ class AlertSpool:
         now and fsync'd in a thread, one fsync for however many events arrived meanwhile."""
         assert self._file is not None, "open() the spool first"
         self._pending.append(event)
-        self._file.write(json.dumps(event, separators=(",", ":")) + "\n")
+        self._file.write(_line(event))
         self._file.flush()
         self._file_lines += 1
         self._appended += 1
@@ -135,7 +135,7 @@ class AlertSpool:
         arrived = min(self._appended - appended, len(self._pending))  # appends go to the right end
         tail = list(self._pending)[len(self._pending) - arrived :] if arrived else []
         with self._fresh.open("a", encoding="utf-8") as out:
-            out.writelines(json.dumps(e, separators=(",", ":")) + "\n" for e in tail)
+            out.writelines(map(_line, tail))
         self._swap(len(snapshot) + len(tail))
 
     async def _run(self) -> None:
@@ -194,9 +194,13 @@ class AlertSpool:
             self._file = None
 
 
+def _line(event: dict) -> str:
+    return json.dumps(event, separators=(",", ":")) + "\n"
+
+
 def _write_lines(path: Path, events: list[dict]) -> None:
     with path.open("w", encoding="utf-8") as out:
-        out.writelines(json.dumps(e, separators=(",", ":")) + "\n" for e in events)
+        out.writelines(map(_line, events))
         out.flush()
         os.fsync(out.fileno())
 

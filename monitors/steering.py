@@ -46,18 +46,9 @@ def request_steering(vectors: EmotionVectors, strengths: Mapping[str, float]) ->
 @contextmanager
 def steer(layer: nn.Module, addition: torch.Tensor) -> Iterator[None]:
     """While open, every forward pass through ``layer`` leaves ``addition`` added to its output."""
-
-    def hook(module: nn.Module, inputs: tuple, output: object) -> object:
-        if isinstance(output, tuple):
-            return (output[0] + addition.to(output[0].dtype), *output[1:])
-        return output + addition.to(output.dtype)
-
     addition = addition.to(next(layer.parameters()).device)
-    handle = layer.register_forward_hook(hook)
-    try:
+    with steer_rows(layer, lambda rows: addition):
         yield
-    finally:
-        handle.remove()
 
 
 @contextmanager

@@ -6,7 +6,6 @@ import importlib.util
 import logging
 from dataclasses import fields, replace
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -19,7 +18,7 @@ from monitors.hf_engine import TransformersEngine
 from monitors.metrics import Metrics
 from monitors.reviews import MemoryReviewQueue, RedisReviewQueue, ReviewQueue
 from monitors.session import Monitor
-from monitors.sinks import AlertSink, MemorySink, RedisStreamSink, SpooledSink
+from monitors.sinks import AlertSink, MemorySink, RedisStreamSink, SpooledSink, redis_client
 from monitors.spool import AlertSpool, SpoolLocked
 from service.chat_templates import ChatRenderer
 from service.config import Settings
@@ -206,25 +205,16 @@ def key_ring(settings: Settings) -> KeyRing:
     return keys
 
 
-def _redis(settings: Settings) -> Any:
-    import redis.asyncio
-
-    # Bounded waits: a hung Redis must not hold a response for long (the default is to wait forever).
-    return redis.asyncio.Redis.from_url(
-        settings.redis_url, decode_responses=True, socket_timeout=2.0, socket_connect_timeout=2.0
-    )
-
-
 def open_review_queue(settings: Settings) -> ReviewQueue:
     if settings.redis_url:
-        return RedisReviewQueue(_redis(settings), "limbic:reviews", settings.review_capacity)
+        return RedisReviewQueue(redis_client(settings.redis_url), "limbic:reviews", settings.review_capacity)
     return MemoryReviewQueue(settings.review_capacity)
 
 
 def open_conversation_store(settings: Settings) -> ConversationStore:
     ttl, turns = settings.conversation_ttl_s, settings.conversation_max_turns
     if settings.redis_url:
-        return RedisConversationStore(_redis(settings), "limbic", ttl, turns)
+        return RedisConversationStore(redis_client(settings.redis_url), "limbic", ttl, turns)
     return MemoryConversationStore(ttl, turns)
 
 

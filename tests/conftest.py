@@ -68,6 +68,16 @@ def default_model_path() -> Path:
     return model_source.resolve(None).path
 
 
+@pytest.fixture(scope="module")
+def engine(default_model_path: Path):
+    """The transformers engine on a tiny random Llama (tests/tiny.py), one per test module; a module that
+    needs another engine defines its own ``engine``."""
+    from tiny import tiny_engine
+
+    with tiny_engine(default_model_path) as engine:
+        yield engine
+
+
 @contextmanager
 def redis_server(port: int | None = None, workdir: str | None = None, durable: bool = False) -> Iterator[str]:
     """A private redis-server for the block (a free port unless given); yields its URL. ``durable``: every

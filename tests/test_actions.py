@@ -10,7 +10,6 @@ import pytest
 import torch
 from pydantic import ValidationError
 from starlette.requests import Request
-from tiny import tiny_engine
 
 from monitors.alerts import AlertRule, RuleChangeError, tightened
 from monitors.engine import SamplingParams
@@ -127,12 +126,6 @@ def test_sink_rows_never_complete_a_crossing():
 
 
 # --- the transformers engine, on a tiny random model ----------------------------------------------------
-@pytest.fixture(scope="module")
-def engine(default_model_path):
-    with tiny_engine(default_model_path) as engine:
-        yield engine
-
-
 def run(engine: TransformersEngine, **params) -> list:
     prompt = engine.encode("Go")
     base = {"max_tokens": 12, "temperature": 0.0, "ignore_eos": True, "logprobs": 0}

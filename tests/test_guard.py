@@ -6,7 +6,6 @@ from __future__ import annotations
 import pytest
 from fastapi.testclient import TestClient
 from openai import AuthenticationError, OpenAI, PermissionDeniedError
-from tiny import tiny_engine
 
 from service.app import create_app
 from service.config import Settings
@@ -15,12 +14,6 @@ from service.runtime import StartupError, key_ring
 
 INFERENCE, ADMIN = "inference-key-1", "admin-key-1"
 CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
-
-
-@pytest.fixture(scope="module")
-def engine(default_model_path):
-    with tiny_engine(default_model_path) as engine:
-        yield engine
 
 
 @pytest.fixture()

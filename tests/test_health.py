@@ -4,19 +4,11 @@ from __future__ import annotations
 
 import time
 
-import pytest
 from conftest import redis_server
 from fastapi.testclient import TestClient
-from tiny import tiny_engine
 
 from service.app import create_app
 from service.config import Settings
-
-
-@pytest.fixture(scope="module")
-def engine(default_model_path):
-    with tiny_engine(default_model_path) as engine:
-        yield engine
 
 
 def test_ready_until_redis_goes_away(engine):

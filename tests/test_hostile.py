@@ -11,7 +11,6 @@ from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
-from tiny import tiny_engine
 
 from service.app import create_app
 from service.config import Settings
@@ -21,8 +20,8 @@ LIMIT = 64 * 1024
 
 
 @pytest.fixture(scope="module")
-def http(default_model_path):
-    with tiny_engine(default_model_path) as engine, TestClient(create_app(Settings(max_body_bytes=LIMIT), engine)) as c:
+def http(engine):
+    with TestClient(create_app(Settings(max_body_bytes=LIMIT), engine)) as c:
         yield c
 
 

@@ -11,7 +11,6 @@ import json
 
 import jsonschema
 import pytest
-from tiny import tiny_engine
 
 from monitors.engine import JsonConstraint, SamplingParams
 from monitors.hf_engine import TransformersEngine
@@ -23,12 +22,6 @@ SCHEMA = {
     "required": ["city", "days"],
     "additionalProperties": False,
 }
-
-
-@pytest.fixture(scope="module")
-def engine(default_model_path):
-    with tiny_engine(default_model_path) as engine:
-        yield engine
 
 
 def generate(engine: TransformersEngine, **params) -> list:
