@@ -12,10 +12,9 @@ import sys
 import time
 from pathlib import Path
 
+from limbic.monitors import model_source
+from limbic.monitors.text_stream import TextStream
 from transformers import AutoTokenizer
-
-from monitors import model_source
-from monitors.text_stream import TextStream
 
 LENGTHS = (256, 1024, 4096)
 REPEATS = 3

@@ -14,10 +14,9 @@ import time
 from pathlib import Path
 
 import record
-
-from monitors.engine import SamplingParams
-from service import runtime
-from service.config import Settings
+from limbic.monitors.engine import SamplingParams
+from limbic.service import runtime
+from limbic.service.config import Settings
 
 PROMPTS = (
     "Tell me a story about a lighthouse.",

@@ -21,15 +21,15 @@ from pathlib import Path
 import numpy as np
 import record
 import torch
+from limbic.monitors import model_source
+from limbic.monitors.hf import model as hf_model
+from limbic.monitors.hf.model import chat_ids
+from limbic.vectors import corpus
+from limbic.vectors.activations import mean_activations, story_means, tap_layers
+from limbic.vectors.extraction import class_means, combine, dialogue_directions, neutral_components, project_out
+from limbic.vectors.storage import SINK_NORM_RATIO
+from limbic.vectors.transcripts import EMOTION_LABELS, MATCHED, assistant_means
 from sklearn.metrics import roc_auc_score
-
-from monitors import hf_model, model_source
-from monitors.hf_model import chat_ids
-from vectors import corpus
-from vectors.activations import mean_activations, story_means, tap_layers
-from vectors.extraction import class_means, combine, dialogue_directions, neutral_components, project_out
-from vectors.storage import SINK_NORM_RATIO
-from vectors.transcripts import EMOTION_LABELS, MATCHED, assistant_means
 
 LAYERS = (12, 14, 16, 18, 20, 22, 24)
 WEIGHTS = (0.0, 0.5, 1.0, 2.0)

@@ -140,7 +140,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "bench/results/vllm_serving.json")
     args = parser.parse_args()
 
-    from monitors import model_source
+    from limbic.monitors import model_source
 
     model = model_source.resolve(None).path
     port = 18731

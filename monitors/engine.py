@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 import numpy as np
 
 if TYPE_CHECKING:  # the API side imports this module without torch: these two bring it in
-    from monitors.mitigation import SteerTrigger
-    from vectors.storage import EmotionVectors, ModelIdentity
+    from limbic.monitors.mitigation import SteerTrigger
+    from limbic.vectors.storage import EmotionVectors, ModelIdentity
 
 Phase = Literal["prompt", "generation"]
 PHASES: tuple[Phase, ...] = ("prompt", "generation")
@@ -83,7 +83,7 @@ class SamplingParams:
     # Steering at the monitored layer: emotion -> strength as a fraction of the typical residual norm there.
     # Scores are read before the addition, so they show how the model's own state responds to it.
     steer: Mapping[str, float] = field(default_factory=dict)
-    # Steering that starts where an alert rule with action "steer" fires (monitors.mitigation).
+    # Steering that starts where an alert rule with action "steer" fires (limbic.monitors.mitigation).
     trigger: SteerTrigger | None = None
 
 

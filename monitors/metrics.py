@@ -10,12 +10,11 @@ import threading
 from collections.abc import Callable, Iterator
 
 import numpy as np
+from limbic.monitors.engine import PHASES
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 from prometheus_client.samples import Sample
-
-from monitors.engine import PHASES
 
 # z-score bucket bounds: neutral text sits near 0, alerts start around 3.
 SCORE_BUCKETS = (-4.0, -3.0, -2.0, -1.0, 0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0, 10.0, 15.0)

@@ -13,9 +13,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-
-from monitors.alerts import AlertRule, AlertTracker
-from monitors.engine import scored
+from limbic.monitors.alerting.rules import AlertRule, AlertTracker
+from limbic.monitors.engine import scored
 
 
 @dataclass(frozen=True)

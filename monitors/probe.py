@@ -10,11 +10,10 @@ import time
 
 import numpy as np
 import torch
+from limbic.monitors.engine import ScoredRows
+from limbic.monitors.layers import residual_from_output
+from limbic.vectors.storage import EmotionVectors
 from torch import nn
-
-from monitors.engine import ScoredRows
-from monitors.layers import residual_from_output
-from vectors.storage import EmotionVectors
 
 
 class Readout:

@@ -14,9 +14,8 @@ from pydantic import Field
 
 if TYPE_CHECKING:  # the API side reads the strength bounds without torch
     import torch
+    from limbic.vectors.storage import EmotionVectors
     from torch import nn
-
-    from vectors.storage import EmotionVectors
 
 # Beyond about one typical residual norm the model's output degenerates; larger values are surely a mistake.
 MAX_STRENGTH = 2.0

@@ -10,7 +10,7 @@ from collections.abc import Callable, Collection, Sequence
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from monitors.engine import FinishReason, SamplingParams
+    from limbic.monitors.engine import FinishReason, SamplingParams
 
 
 class TextStream:

@@ -4,7 +4,7 @@
 Plain text is scored as it is (no chat template). A transcript (OpenAI-style messages) is rendered with the
 model's chat template, as served traffic is, and by default only the assistant's tokens count: that is how
 operators replay logged agent transcripts through the monitor. Attention-sink tokens never count
-(``monitors.probe.scored``), so a one-token text has no scores rather than absurd ones.
+(``limbic.monitors.probe.scored``), so a one-token text has no scores rather than absurd ones.
 """
 
 from __future__ import annotations
@@ -12,11 +12,10 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import numpy as np
-
-from monitors.engine import Engine, scored
-from monitors.hf_model import chat_spans
-from monitors.session import ScoreSummary
-from service.protocol import AnalyzeItem
+from limbic.monitors.alerting.monitor import ScoreSummary
+from limbic.monitors.engine import Engine, scored
+from limbic.monitors.hf.model import chat_spans
+from limbic.service.protocol import AnalyzeItem
 
 TokenSelection = Literal["all", "assistant", "user"]
 

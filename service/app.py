@@ -12,21 +12,20 @@ from typing import Any, Literal, TypeVar
 
 from fastapi import FastAPI, Query, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from limbic.monitors.alerting.monitor import Monitor
+from limbic.monitors.alerting.reviews import AlreadyResolved, ReviewNotFound
+from limbic.monitors.engine import Engine
+from limbic.service import analysis, completions, errors, responses, runtime, ui
+from limbic.service.analysis import TextTooLong
+from limbic.service.chat_templates import ChatRenderer
+from limbic.service.config import Settings
+from limbic.service.drain import Drain
+from limbic.service.errors import APIError
+from limbic.service.guard import BodyLimit, KeyGuard
+from limbic.service.protocol import AnalyzeRequest, ChatCompletionRequest, CompletionRequest, ReviewVerdict
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
 from redis.exceptions import RedisError
-
-from monitors.engine import Engine
-from monitors.reviews import AlreadyResolved, ReviewNotFound
-from monitors.session import Monitor
-from service import analysis, completions, errors, responses, runtime, ui
-from service.analysis import TextTooLong
-from service.chat_templates import ChatRenderer
-from service.config import Settings
-from service.drain import Drain
-from service.errors import APIError
-from service.guard import BodyLimit, KeyGuard
-from service.protocol import AnalyzeRequest, ChatCompletionRequest, CompletionRequest, ReviewVerdict
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -146,7 +145,7 @@ def create_app(settings: Settings, engine: Engine | None = None, close_engine: b
 
     @app.post("/v1/responses")
     async def create_response(request: Request, body: responses.ResponsesRequest) -> Response:
-        """The Responses API, translated to a chat completion and back (service.responses)."""
+        """The Responses API, translated to a chat completion and back (limbic.service.responses)."""
         s = state(request)
         try:
             history = await responses.history_for(s.response_store, body)

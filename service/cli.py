@@ -11,10 +11,10 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
-from service.config import Settings
+from limbic.service.config import Settings
 
 if TYPE_CHECKING:
-    from service.protocol import AnalyzeItem
+    from limbic.service.protocol import AnalyzeItem
 
 
 def _settings(args: argparse.Namespace, **extra: Any) -> Settings:
@@ -29,9 +29,8 @@ def _fail(message: str) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
-
-    from service import runtime
-    from service.app import create_app
+    from limbic.service import runtime
+    from limbic.service.app import create_app
 
     settings = _settings(args)
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -65,7 +64,7 @@ def cmd_keys(args: argparse.Namespace) -> int:
     """Prints a keys-file line (the key's SHA-256); ``new`` also makes the key, shown once on stderr."""
     import secrets
 
-    from service.guard import hashed_line
+    from limbic.service.guard import hashed_line
 
     if args.action == "new":
         key = "lmb-" + secrets.token_urlsafe(32)
@@ -91,7 +90,7 @@ def DrainingServer(config: Any, drain: Any, drain_s: float) -> Any:
 
 
 async def _probe_sink(settings: Settings) -> None:
-    from service import runtime
+    from limbic.service import runtime
 
     if settings.redis_url:  # the spool is opened by the server itself
         await (await runtime.open_redis_sink(settings)).close()
@@ -99,9 +98,8 @@ async def _probe_sink(settings: Settings) -> None:
 
 def _read_items(stream: TextIO, defaults: dict[str, Any]) -> list[tuple[Any, AnalyzeItem | None, str | None]]:
     """Every input line as (id, item, problem): a bad line is reported and skipped, never fatal."""
+    from limbic.service.protocol import AnalyzeItem
     from pydantic import ValidationError
-
-    from service.protocol import AnalyzeItem
 
     items: list[tuple[Any, AnalyzeItem | None, str | None]] = []
     for lineno, line in enumerate(stream, 1):
@@ -133,7 +131,7 @@ def _analysis_engine(settings: Settings, items: list, verbose: bool) -> Settings
         return settings
     texts = [i.text or " ".join(m.content for m in i.messages or ()) for _, i, _ in items if i is not None]
     estimate = sum(len(t) for t in texts) // 4  # about four characters a token
-    from service import runtime
+    from limbic.service import runtime
 
     use_vllm = runtime.vllm_available() and estimate > _VLLM_WORTH_IT_TOKENS
     why = "worth vLLM's start-up" if use_vllm else "less than vLLM's start-up would take"
@@ -147,11 +145,10 @@ def _analysis_engine(settings: Settings, items: list, verbose: bool) -> Settings
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
+    from limbic.monitors.engine import EngineStartupError
+    from limbic.service import runtime
+    from limbic.service.analysis import analyze_item
     from tqdm import tqdm
-
-    from monitors.engine import EngineStartupError
-    from service import runtime
-    from service.analysis import analyze_item
 
     if not args.verbose:
         # Engine logs (vLLM's INFO lines, transformers' notices) stay out of the way of the JSON output.
@@ -199,9 +196,10 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
 
 def cmd_vectors_extract(args: argparse.Namespace) -> int:
-    from monitors import hf_model, model_source
-    from vectors import storage
-    from vectors.extraction import ExtractionConfig, extract
+    from limbic.monitors import model_source
+    from limbic.monitors.hf import model as hf_model
+    from limbic.vectors import storage
+    from limbic.vectors.extraction import ExtractionConfig, extract
 
     try:
         source = model_source.resolve(args.model)
@@ -232,8 +230,9 @@ def cmd_vectors_extract(args: argparse.Namespace) -> int:
 
 def _model_with_vectors(args: argparse.Namespace) -> tuple[Any, Any]:
     """The model (transformers) and its vector set, checked against each other; raises CommandError."""
-    from monitors import hf_model, model_source
-    from vectors import storage
+    from limbic.monitors import model_source
+    from limbic.monitors.hf import model as hf_model
+    from limbic.vectors import storage
 
     try:
         source = model_source.resolve(args.model)
@@ -250,8 +249,8 @@ class CommandError(Exception):
 
 
 def cmd_vectors_report(args: argparse.Namespace) -> int:
-    from monitors import model_source
-    from vectors import report
+    from limbic.monitors import model_source
+    from limbic.vectors import report
 
     try:
         loaded, vectors = _model_with_vectors(args)
@@ -278,7 +277,7 @@ def _text_argument(value: str) -> str:
 
 
 def cmd_vectors_patch(args: argparse.Namespace) -> int:
-    from vectors.patching import patch
+    from limbic.vectors.patching import patch
 
     try:
         loaded, vectors = _model_with_vectors(args)
@@ -301,8 +300,8 @@ def cmd_vectors_patch(args: argparse.Namespace) -> int:
 
 
 def cmd_vectors_show(args: argparse.Namespace) -> int:
-    from monitors import model_source
-    from vectors import storage
+    from limbic.monitors import model_source
+    from limbic.vectors import storage
 
     folder = Path(args.vectors) if args.vectors else storage.bundled_folder(model_source.DEFAULT_MODEL_NAME)
     try:

@@ -20,18 +20,17 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import jinja2
-
-from monitors.alerts import AlertRule, RuleChangeError, tightened
-from monitors.channel import Channel
-from monitors.constrained import check_json_schema
-from monitors.engine import Engine, JsonConstraint, SamplingParams, Step, TokenLogprob
-from monitors.mitigation import SteerTrigger
-from monitors.session import Monitor, RequestMonitor
-from service.chat_templates import ChatRenderer, TemplateError
-from service.drain import Drain, ShuttingDown
-from service.errors import APIError
-from service.protocol import ChatCompletionRequest, CompletionRequest, LimbicOptions
-from service.tools import ChatOutput, chat_output
+from limbic.monitors.alerting.monitor import Monitor, RequestMonitor
+from limbic.monitors.alerting.rules import AlertRule, RuleChangeError, tightened
+from limbic.monitors.channel import Channel
+from limbic.monitors.engine import Engine, JsonConstraint, SamplingParams, Step, TokenLogprob
+from limbic.monitors.hf.constrained import check_json_schema
+from limbic.monitors.mitigation import SteerTrigger
+from limbic.service.chat_templates import ChatRenderer, TemplateError
+from limbic.service.drain import Drain, ShuttingDown
+from limbic.service.errors import APIError
+from limbic.service.protocol import ChatCompletionRequest, CompletionRequest, LimbicOptions
+from limbic.service.tools import ChatOutput, chat_output
 
 log = logging.getLogger(__name__)
 

@@ -5,12 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
+from limbic.monitors.alerting.conversations import TrendRule
+from limbic.monitors.alerting.rules import AlertRule
+from limbic.monitors.steering import Strength
 from pydantic import AliasChoices, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
-
-from monitors.alerts import AlertRule
-from monitors.conversations import TrendRule
-from monitors.steering import Strength
 
 
 class Settings(BaseSettings):

@@ -8,7 +8,7 @@ import asyncio
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from monitors.channel import Channel
+from limbic.monitors.channel import Channel
 
 
 class ShuttingDown(Exception):

@@ -11,12 +11,11 @@ import re
 from collections.abc import Mapping
 from typing import Annotated, Any, ClassVar, Literal
 
+from limbic.monitors.alerting.reviews import Verdict
+from limbic.monitors.engine import JsonConstraint, SamplingParams
+from limbic.monitors.hf.constrained import check_json_schema
+from limbic.monitors.steering import Strength
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
-
-from monitors.constrained import check_json_schema
-from monitors.engine import JsonConstraint, SamplingParams
-from monitors.reviews import Verdict
-from monitors.steering import Strength
 
 INT64 = 2**63
 MAX_CHOICES = 16  # n: every choice is a separate monitored generation

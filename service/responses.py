@@ -23,6 +23,7 @@ from collections import OrderedDict
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Sequence
 from typing import Annotated, Any, Literal
 
+from limbic.service.protocol import RefusedField, Strict
 from pydantic import (
     BaseModel,
     BeforeValidator,
@@ -36,8 +37,6 @@ from pydantic import (
     model_validator,
 )
 from redis.exceptions import RedisError
-
-from service.protocol import RefusedField, Strict
 
 # ---------------------------------------------------------------------------------------------------------------
 # The request

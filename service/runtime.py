@@ -8,23 +8,23 @@ from dataclasses import fields, replace
 from pathlib import Path
 
 import torch
-
-from monitors import hf_model, model_source
-from monitors.alertmanager import AlertmanagerPush
-from monitors.alerts import AlertRule
-from monitors.conversations import ConversationStore, MemoryConversationStore, RedisConversationStore
-from monitors.engine import Engine
-from monitors.hf_engine import TransformersEngine
-from monitors.metrics import Metrics
-from monitors.reviews import MemoryReviewQueue, RedisReviewQueue, ReviewQueue
-from monitors.session import Monitor
-from monitors.sinks import AlertSink, MemorySink, RedisStreamSink, SpooledSink, redis_client
-from monitors.spool import AlertSpool, SpoolLocked
-from service.chat_templates import ChatRenderer
-from service.config import Settings
-from service.guard import KeyFileError, KeyRing, is_loopback
-from service.responses import MemoryResponseStore, RedisResponseStore, ResponseStore
-from vectors import storage
+from limbic.monitors import model_source
+from limbic.monitors.alerting.alertmanager import AlertmanagerPush
+from limbic.monitors.alerting.conversations import ConversationStore, MemoryConversationStore, RedisConversationStore
+from limbic.monitors.alerting.monitor import Monitor
+from limbic.monitors.alerting.reviews import MemoryReviewQueue, RedisReviewQueue, ReviewQueue
+from limbic.monitors.alerting.rules import AlertRule
+from limbic.monitors.alerting.sinks import AlertSink, MemorySink, RedisStreamSink, SpooledSink, redis_client
+from limbic.monitors.alerting.spool import AlertSpool, SpoolLocked
+from limbic.monitors.engine import Engine
+from limbic.monitors.hf import model as hf_model
+from limbic.monitors.hf.engine import TransformersEngine
+from limbic.monitors.metrics import Metrics
+from limbic.service.chat_templates import ChatRenderer
+from limbic.service.config import Settings
+from limbic.service.guard import KeyFileError, KeyRing, is_loopback
+from limbic.service.responses import MemoryResponseStore, RedisResponseStore, ResponseStore
+from limbic.vectors import storage
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +105,7 @@ def _use_vllm(settings: Settings) -> bool:
 def _vllm_engine(
     settings: Settings, source: model_source.ModelSource, folder: Path, vectors: storage.EmotionVectors
 ) -> Engine:
-    from monitors.vllm_engine import VLLMEngine, VLLMOptions
+    from limbic.monitors.vllm.engine import VLLMEngine, VLLMOptions
 
     try:
         identity = hf_model.folder_identity(source)

@@ -17,8 +17,8 @@ import uuid
 from collections.abc import Sequence
 from typing import Any
 
-from monitors.engine import JsonConstraint
-from service.protocol import ChatCompletionRequest, NamedToolChoice
+from limbic.monitors.engine import JsonConstraint
+from limbic.service.protocol import ChatCompletionRequest, NamedToolChoice
 
 ANY_OBJECT: dict[str, Any] = {"type": "object"}
 

@@ -63,7 +63,7 @@ def stop(process: subprocess.Popen) -> None:
 @pytest.fixture(scope="session")
 def default_model_path() -> Path:
     """The default model's safetensors folder (materialised once per machine)."""
-    from monitors import model_source
+    from limbic.monitors import model_source
 
     return model_source.resolve(None).path
 

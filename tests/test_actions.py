@@ -8,17 +8,16 @@ import asyncio
 import numpy as np
 import pytest
 import torch
+from limbic.monitors.alerting.rules import AlertRule, RuleChangeError, tightened
+from limbic.monitors.engine import SamplingParams
+from limbic.monitors.hf.engine import TransformersEngine
+from limbic.monitors.mitigation import SteeringSchedule, SteerTrigger
+from limbic.service.app import conversation_id
+from limbic.service.config import Settings
+from limbic.service.errors import APIError
+from limbic.service.protocol import ChatCompletionRequest
 from pydantic import ValidationError
 from starlette.requests import Request
-
-from monitors.alerts import AlertRule, RuleChangeError, tightened
-from monitors.engine import SamplingParams
-from monitors.hf_engine import TransformersEngine
-from monitors.mitigation import SteeringSchedule, SteerTrigger
-from service.app import conversation_id
-from service.config import Settings
-from service.errors import APIError
-from service.protocol import ChatCompletionRequest
 
 INDEX = {"desperate": 0, "calm": 1}
 OPERATOR = {"desperate": AlertRule(warning=2.0, critical=3.0, min_tokens=3, action={"critical": "review"})}

@@ -2,9 +2,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from limbic.monitors.alerting.rules import AlertRule, AlertTracker
 from pydantic import ValidationError
-
-from monitors.alerts import AlertRule, AlertTracker
 
 INDEX = {"desperate": 0, "calm": 1}
 

@@ -7,8 +7,7 @@ import subprocess
 
 import pytest
 from conftest import ROOT
-
-from vectors import corpus
+from limbic.vectors import corpus
 
 
 def analyze(lines: list[str], *args: str) -> tuple[list[dict], subprocess.CompletedProcess]:
@@ -37,7 +36,7 @@ def scored(default_model_path):
 
 
 def test_one_line_per_input_with_every_emotion(scored):
-    from vectors import storage
+    from limbic.vectors import storage
 
     emotions = storage.load(storage.bundled_folder("SmolLM2-135M-Instruct")).emotions
     assert len(scored) == 16

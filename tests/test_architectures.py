@@ -5,12 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from limbic.monitors.layers import decoder_layers, default_layer, hidden_size, num_hidden_layers
+from limbic.monitors.probe import Readout, ResidualProbe
+from limbic.vectors.storage import ModelIdentity
 from tiny import random_vectors
 from transformers import AutoConfig, AutoModelForCausalLM
-
-from monitors.layers import decoder_layers, default_layer, hidden_size, num_hidden_layers
-from monitors.probe import Readout, ResidualProbe
-from vectors.storage import ModelIdentity
 
 SMALL = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4)
 CONFIGS = {

@@ -4,11 +4,10 @@ import itertools
 import json
 
 import pytest
-
-from vectors import corpus
-from vectors.concepts import PRIORITY, all_emotions, file_stem
-from vectors.corpus.check import expected_person, expected_topic
-from vectors.corpus.labels import forbidden_hits
+from limbic.vectors import corpus
+from limbic.vectors.concepts import PRIORITY, all_emotions, file_stem
+from limbic.vectors.corpus.check import expected_person, expected_topic
+from limbic.vectors.corpus.labels import forbidden_hits
 
 
 def test_label_check_catches_stems_and_phrases():

@@ -103,7 +103,7 @@ def test_gpu_override_builds_the_cuda_image_on_a_gpu():
 
 def test_settings_compose_leaves_empty_are_unset(monkeypatch):
     """compose.yaml passes optional settings through as `${VAR:-}`: an empty value must mean the default."""
-    from service.config import Settings
+    from limbic.service.config import Settings
 
     environment = compose_config(COMPOSE)["services"]["limbic"]["environment"]
     passed_empty = {k for k, v in environment.items() if v == ""}

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny import loaded, tiny_llama
-
-from vectors import corpus
-from vectors.activations import token_activations
-from vectors.extraction import (
+from limbic.vectors import corpus
+from limbic.vectors.activations import token_activations
+from limbic.vectors.extraction import (
     ExtractionConfig,
     _chat_ids,
     choose_layer,
@@ -16,6 +14,7 @@ from vectors.extraction import (
     neutral_components,
     project_out,
 )
+from tiny import loaded, tiny_llama
 
 EMOTIONS = ["desperate", "panicked", "calm", "afraid"]
 
@@ -82,7 +81,7 @@ def test_unknown_emotion_is_refused(tiny):
 
 
 def test_dialogue_directions_are_centred_over_labels_and_skip_neutral_and_absent_emotions():
-    from vectors.extraction import combine, dialogue_directions
+    from limbic.vectors.extraction import combine, dialogue_directions
 
     means = torch.tensor([[1.0, 0.0], [3.0, 0.0], [0.0, 2.0], [0.0, 4.0]])  # two per label
     labels = ["calm", "calm", "neutral", "desperate"]

@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import pytest
 from fastapi.testclient import TestClient
+from limbic.service.app import create_app
+from limbic.service.config import Settings
+from limbic.service.guard import hashed_line
+from limbic.service.runtime import StartupError, key_ring
 from openai import AuthenticationError, OpenAI, PermissionDeniedError
-
-from service.app import create_app
-from service.config import Settings
-from service.guard import hashed_line
-from service.runtime import StartupError, key_ring
 
 INFERENCE, ADMIN = "inference-key-1", "admin-key-1"
 CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}

@@ -6,9 +6,8 @@ import time
 
 from conftest import redis_server
 from fastapi.testclient import TestClient
-
-from service.app import create_app
-from service.config import Settings
+from limbic.service.app import create_app
+from limbic.service.config import Settings
 
 
 def test_ready_until_redis_goes_away(engine):

@@ -6,11 +6,10 @@ import asyncio
 
 import pytest
 import torch
+from limbic.monitors.engine import SamplingParams
+from limbic.monitors.hf.engine import TransformersEngine
+from limbic.monitors.probe import Readout
 from tiny import loaded, random_vectors, tiny_llama
-
-from monitors.engine import SamplingParams
-from monitors.hf_engine import TransformersEngine
-from monitors.probe import Readout
 
 LAYER = 2
 EMOTIONS = ["desperate", "panicked", "calm", "afraid"]
@@ -104,10 +103,9 @@ def test_steering_changes_generation_but_not_the_monitored_layers_reading(engine
 
 def test_server_wide_steering_applies_to_every_request_and_requests_can_override_it(engine):
     from fastapi.testclient import TestClient
+    from limbic.service.app import create_app
+    from limbic.service.config import Settings
     from openai import OpenAI
-
-    from service.app import create_app
-    from service.config import Settings
 
     app = create_app(Settings(steer={"calm": 0.01}), engine)
     with TestClient(app) as http:

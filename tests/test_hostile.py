@@ -10,10 +10,9 @@ import schemathesis
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis.errors import Unsatisfiable
+from limbic.service.app import create_app
+from limbic.service.config import Settings
 from schemathesis import GenerationMode
-
-from service.app import create_app
-from service.config import Settings
 
 MODEL = "tiny"
 LIMIT = 64 * 1024

@@ -26,11 +26,10 @@ import pytest
 import redis
 import yaml
 from conftest import ROOT, TEST_ALERT_RULES, free_port, running, running_limbic
+from limbic.monitors.alerting.alertmanager import ALERT_NAME, AlertmanagerPush
+from limbic.monitors.metrics import Metrics
 from prometheus_client import generate_latest
 from test_api import DESPERATE, MODEL
-
-from monitors.alertmanager import ALERT_NAME, AlertmanagerPush
-from monitors.metrics import Metrics
 
 pytestmark = pytest.mark.slow
 

@@ -8,11 +8,10 @@ import subprocess
 import pytest
 import torch
 from conftest import ROOT
+from limbic.vectors import corpus
+from limbic.vectors.activations import tap_layers
+from limbic.vectors.patching import PatchPlan, patch, replacing
 from tiny import loaded, random_vectors, tiny_llama
-
-from vectors import corpus
-from vectors.activations import tap_layers
-from vectors.patching import PatchPlan, patch, replacing
 
 NEUTRAL = "The meeting moved to Thursday afternoon. I will bring the printed agenda and the"
 

@@ -10,11 +10,8 @@ from typing import Any
 
 import httpx
 import pytest
-from openai.types.responses import Response, ResponseStreamEvent
-from pydantic import TypeAdapter, ValidationError
-
-from service import responses
-from service.responses import (
+from limbic.service import responses
+from limbic.service.responses import (
     MemoryResponseStore,
     RedisResponseStore,
     ResponseNotFound,
@@ -29,6 +26,8 @@ from service.responses import (
     to_chat,
     to_response,
 )
+from openai.types.responses import Response, ResponseStreamEvent
+from pydantic import TypeAdapter, ValidationError
 
 EVENTS = TypeAdapter(ResponseStreamEvent)
 RESPONSE_ID = "resp_0123abcd"
@@ -252,7 +251,7 @@ def test_text_format_becomes_response_format():
     ],
 )
 def test_chat_bodies_are_valid_limbic_chat_requests(fields):
-    from service.protocol import ChatCompletionRequest
+    from limbic.service.protocol import ChatCompletionRequest
 
     history = [{"role": "user", "content": "earlier"}, {"role": "assistant", "content": "reply"}]
     body = to_chat(request(**fields), history) | {"stream": True, "stream_options": {"include_usage": True}}

@@ -11,9 +11,8 @@ import json
 
 import jsonschema
 import pytest
-
-from monitors.engine import JsonConstraint, SamplingParams
-from monitors.hf_engine import TransformersEngine
+from limbic.monitors.engine import JsonConstraint, SamplingParams
+from limbic.monitors.hf.engine import TransformersEngine
 
 EOS = 2
 SCHEMA = {
@@ -95,10 +94,9 @@ def test_repetition_penalty_changes_the_output(engine):
 
 def test_transformers_engine_serves_forced_tool_calls_n_and_logprobs_through_the_app(engine):
     from fastapi.testclient import TestClient
+    from limbic.service.app import create_app
+    from limbic.service.config import Settings
     from openai import OpenAI
-
-    from service.app import create_app
-    from service.config import Settings
 
     tool = {"type": "function", "function": {"name": "plan", "parameters": SCHEMA}}
     with TestClient(create_app(Settings(), engine)) as http:

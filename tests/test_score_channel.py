@@ -10,8 +10,7 @@ import time
 import numpy as np
 import pytest
 import zmq
-
-from monitors.vllm_scores import ScoreMissing, ScorePusher, ScoreReceiver
+from limbic.monitors.vllm.scores import ScoreMissing, ScorePusher, ScoreReceiver
 
 WIDTH = 3
 
@@ -68,7 +67,9 @@ def test_the_api_side_reader_and_monitor_import_without_torch():
     import subprocess
     import sys
 
-    modules = "monitors.vllm_scores, monitors.session, monitors.engine, monitors.alerts, monitors.mitigation"
+    modules = ", ".join(
+        f"limbic.monitors.{m}" for m in ("vllm.scores", "alerting.monitor", "engine", "alerting.rules", "mitigation")
+    )
     check = f"import sys, {modules}; print('torch' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr

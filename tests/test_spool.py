@@ -11,10 +11,9 @@ from pathlib import Path
 import pytest
 import redis.asyncio as aioredis
 from conftest import free_port, redis_server
-
-from monitors.metrics import Metrics
-from monitors.sinks import RedisStreamSink, SpooledSink
-from monitors.spool import AlertSpool, SpoolLocked
+from limbic.monitors.alerting.sinks import RedisStreamSink, SpooledSink
+from limbic.monitors.alerting.spool import AlertSpool, SpoolLocked
+from limbic.monitors.metrics import Metrics
 
 STREAM = "limbic:alerts"
 

@@ -5,9 +5,8 @@ from __future__ import annotations
 import subprocess
 
 from conftest import ROOT, free_port
+from limbic.vectors.storage import ModelIdentity
 from tiny import random_vectors
-
-from vectors.storage import ModelIdentity
 
 
 def serve(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:

@@ -2,10 +2,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from limbic.vectors import storage
+from limbic.vectors.storage import ModelIdentity, VectorFileError
 from tiny import random_vectors
-
-from vectors import storage
-from vectors.storage import ModelIdentity, VectorFileError
 
 IDENTITY = ModelIdentity("m", "LlamaForCausalLM", hidden_size=16, num_layers=4, fingerprint="abc")
 
@@ -45,7 +44,8 @@ def test_bad_folder_is_a_clear_error(tmp_path):
 
 
 def test_bundled_default_set_matches_the_default_model(default_model_path):
-    from monitors import hf_model, model_source
+    from limbic.monitors import model_source
+    from limbic.monitors.hf import model as hf_model
 
     vectors = storage.load(storage.bundled_folder(model_source.DEFAULT_MODEL_NAME))
     loaded = hf_model.load(model_source.resolve(None))

@@ -8,14 +8,24 @@ import uuid
 
 import pytest
 import redis.asyncio as aioredis
-
-from monitors.alertmanager import AlertmanagerPush
-from monitors.alerts import AlertRule
-from monitors.conversations import MemoryConversationStore, RedisConversationStore, TrendRule, trend_crossings
-from monitors.metrics import Metrics
-from monitors.reviews import AlreadyResolved, MemoryReviewQueue, RedisReviewQueue, ReviewNotFound, new_item
-from monitors.session import Monitor
-from monitors.sinks import MemorySink
+from limbic.monitors.alerting.alertmanager import AlertmanagerPush
+from limbic.monitors.alerting.conversations import (
+    MemoryConversationStore,
+    RedisConversationStore,
+    TrendRule,
+    trend_crossings,
+)
+from limbic.monitors.alerting.monitor import Monitor
+from limbic.monitors.alerting.reviews import (
+    AlreadyResolved,
+    MemoryReviewQueue,
+    RedisReviewQueue,
+    ReviewNotFound,
+    new_item,
+)
+from limbic.monitors.alerting.rules import AlertRule
+from limbic.monitors.alerting.sinks import MemorySink
+from limbic.monitors.metrics import Metrics
 
 
 def client(redis_url: str) -> aioredis.Redis:

@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from monitors.text_stream import TextStream
+from limbic.monitors.text_stream import TextStream
 
 PIECES = ["Hel", "lo", " wor", "ld", "\n\n", "Next", " line"]
 
@@ -80,8 +80,8 @@ def test_the_window_decodes_like_the_real_tokenizer(default_model_path):
 
 
 def test_min_tokens_holds_off_stop_strings_and_stop_tokens():
-    from monitors.engine import SamplingParams
-    from monitors.text_stream import Generation
+    from limbic.monitors.engine import SamplingParams
+    from limbic.monitors.text_stream import Generation
 
     params = SamplingParams(max_tokens=10, stop=("lo",), min_tokens=3, stop_token_ids=(5,))
     generation = Generation(decode, params, eos_token_ids={6})
@@ -92,8 +92,8 @@ def test_min_tokens_holds_off_stop_strings_and_stop_tokens():
 
 
 def test_stop_token_ids_end_even_with_ignore_eos_and_eos_does_not():
-    from monitors.engine import SamplingParams
-    from monitors.text_stream import Generation
+    from limbic.monitors.engine import SamplingParams
+    from limbic.monitors.text_stream import Generation
 
     generation = Generation(decode, SamplingParams(max_tokens=10, ignore_eos=True, stop_token_ids=(3,)), {2})
     assert generation.push(2) == (" wor", None)  # EOS ignored: ordinary text
@@ -101,8 +101,8 @@ def test_stop_token_ids_end_even_with_ignore_eos_and_eos_does_not():
 
 
 def generation_of(**params):
-    from monitors.engine import SamplingParams
-    from monitors.text_stream import Generation
+    from limbic.monitors.engine import SamplingParams
+    from limbic.monitors.text_stream import Generation
 
     return Generation(decode, SamplingParams(**({"max_tokens": 10} | params)), eos_token_ids={6})
 

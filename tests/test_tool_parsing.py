@@ -6,10 +6,9 @@ from __future__ import annotations
 import json
 
 import pytest
+from limbic.service.protocol import ChatCompletionRequest
+from limbic.service.tools import NamedCall, ParsedCalls, RequiredCalls, chat_output
 from transformers import AutoTokenizer
-
-from service.protocol import ChatCompletionRequest
-from service.tools import NamedCall, ParsedCalls, RequiredCalls, chat_output
 
 TOOLS = [
     {

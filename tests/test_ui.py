@@ -64,8 +64,7 @@ IDS = [
 def static_client():
     from fastapi import FastAPI
     from fastapi.testclient import TestClient
-
-    from service import ui
+    from limbic.service import ui
 
     app = FastAPI()
     ui.mount(app)

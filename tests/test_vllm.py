@@ -122,9 +122,9 @@ def test_batch_invariance_16_concurrent_requests(limbic_url):
 
 def test_scores_agree_with_the_transformers_engine(limbic_url, client, default_model_path):
     """Same model, same tokens: vLLM's scores match the transformers engine's (chunked prefill included)."""
-    from monitors.hf_engine import TransformersEngine
-    from service.config import Settings
-    from service.runtime import load_engine
+    from limbic.monitors.hf.engine import TransformersEngine
+    from limbic.service.config import Settings
+    from limbic.service.runtime import load_engine
 
     text = " ".join(
         [

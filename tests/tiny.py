@@ -8,13 +8,12 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from limbic.monitors.hf.engine import TransformersEngine
+from limbic.monitors.hf.model import LoadedModel, fingerprint
+from limbic.monitors.layers import hidden_size, num_hidden_layers
+from limbic.monitors.model_source import ModelSource
+from limbic.vectors.storage import Calibration, EmotionVectors, Manifest, ModelIdentity
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
-
-from monitors.hf_engine import TransformersEngine
-from monitors.hf_model import LoadedModel, fingerprint
-from monitors.layers import hidden_size, num_hidden_layers
-from monitors.model_source import ModelSource
-from vectors.storage import Calibration, EmotionVectors, Manifest, ModelIdentity
 
 
 def tiny_llama(vocab_size: int = 49152, layers: int = 4, hidden: int = 64) -> torch.nn.Module:

@@ -11,11 +11,10 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from limbic.monitors.hf.model import LoadedModel
+from limbic.monitors.layers import decoder_layers, residual_from_output
+from limbic.vectors import corpus
 from tqdm import tqdm
-
-from monitors.hf_model import LoadedModel
-from monitors.layers import decoder_layers, residual_from_output
-from vectors import corpus
 
 
 @contextmanager

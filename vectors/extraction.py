@@ -31,13 +31,12 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-
-from monitors.hf_model import LoadedModel, chat_ids
-from monitors.layers import default_layer
-from vectors import corpus
-from vectors.activations import mean_activations, story_means, token_activations
-from vectors.storage import SINK_NORM_RATIO, Calibration, EmotionVectors, Manifest, Thresholds
-from vectors.transcripts import assistant_means
+from limbic.monitors.hf.model import LoadedModel, chat_ids
+from limbic.monitors.layers import default_layer
+from limbic.vectors import corpus
+from limbic.vectors.activations import mean_activations, story_means, token_activations
+from limbic.vectors.storage import SINK_NORM_RATIO, Calibration, EmotionVectors, Manifest, Thresholds
+from limbic.vectors.transcripts import assistant_means
 
 log = logging.getLogger(__name__)
 

@@ -14,14 +14,13 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
+from limbic.monitors.engine import scored
+from limbic.monitors.hf.model import LoadedModel
+from limbic.monitors.layers import decoder_layers, residual_from_output
+from limbic.monitors.probe import Readout
+from limbic.vectors.activations import tap_layers
+from limbic.vectors.storage import EmotionVectors
 from torch import nn
-
-from monitors.engine import scored
-from monitors.hf_model import LoadedModel
-from monitors.layers import decoder_layers, residual_from_output
-from monitors.probe import Readout
-from vectors.activations import tap_layers
-from vectors.storage import EmotionVectors
 
 Positions = Literal["last", "span", "aligned"]
 

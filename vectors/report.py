@@ -19,11 +19,10 @@ import matplotlib
 matplotlib.use("Agg")  # headless: the report is rendered to files
 import matplotlib.pyplot as plt
 import numpy as np
-
-from monitors.hf_model import LoadedModel
-from vectors import corpus, patching, transcripts, validation
-from vectors.concepts import PRIORITY
-from vectors.storage import EmotionVectors
+from limbic.monitors.hf.model import LoadedModel
+from limbic.vectors import corpus, patching, transcripts, validation
+from limbic.vectors.concepts import PRIORITY
+from limbic.vectors.storage import EmotionVectors
 
 
 @dataclass

@@ -17,14 +17,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from limbic.monitors.hf.model import LoadedModel, chat_spans
+from limbic.vectors import corpus
+from limbic.vectors.activations import Span, cached_mean_activations
+from limbic.vectors.storage import EmotionVectors
 from sklearn.feature_extraction.text import CountVectorizer
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
-
-from monitors.hf_model import LoadedModel, chat_spans
-from vectors import corpus
-from vectors.activations import Span, cached_mean_activations
-from vectors.storage import EmotionVectors
 
 EMOTION_LABELS = [label for label in corpus.TRANSCRIPT_LABELS if label != "neutral"]
 MATCHED = (("calm", "desperate", "calm"), ("desperate", "calm", "desperate"), ("panicked", "calm", "panicked"))
@@ -174,9 +173,9 @@ def token_trajectory(
 ) -> dict:
     """Per-token z-scores of ``emotions`` over a whole transcript, with each token's message index and role:
     the data of the report's pressure-arc figure."""
-    from monitors.engine import scored
-    from monitors.probe import Readout
-    from vectors.activations import tap_layers
+    from limbic.monitors.engine import scored
+    from limbic.monitors.probe import Readout
+    from limbic.vectors.activations import tap_layers
 
     ids, spans = chat_spans(loaded.tokenizer, messages)
     layer = vectors.manifest.layer

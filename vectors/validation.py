@@ -1,5 +1,5 @@
 """Checks of a vector set against the research's claims: held-out accuracy against a text-only baseline,
-valence geometry, logit lens, a dose template, and steering. ``vectors.report`` renders the results."""
+valence geometry, logit lens, a dose template, and steering. ``limbic.vectors.report`` renders the results."""
 
 from __future__ import annotations
 
@@ -9,19 +9,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from limbic.monitors.hf.model import LoadedModel, chat_ids
+from limbic.monitors.layers import decoder_layers
+from limbic.monitors.probe import Readout
+from limbic.monitors.steering import steer, steering_vector
+from limbic.vectors import corpus
+from limbic.vectors.activations import story_means, token_activations
+from limbic.vectors.concepts import ratings
+from limbic.vectors.storage import EmotionVectors
 from scipy.stats import pearsonr, spearmanr
 from sklearn.feature_extraction.text import CountVectorizer
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
-
-from monitors.hf_model import LoadedModel, chat_ids
-from monitors.layers import decoder_layers
-from monitors.probe import Readout
-from monitors.steering import steer, steering_vector
-from vectors import corpus
-from vectors.activations import story_means, token_activations
-from vectors.concepts import ratings
-from vectors.storage import EmotionVectors
 
 
 def _subset(vectors: EmotionVectors, emotions: Sequence[str] | None) -> list[str]:

@@ -12,7 +12,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from monitors import hf_model
+from limbic.monitors.hf import model as hf_model
 
 BUNDLED = {"chatml": "chatml_tools.jinja"}  # template family -> tool-capable template shipped here
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from vectors.concepts import file_stem
+from limbic.vectors.concepts import file_stem
 
 DATA = Path(__file__).parent / "data"
 Split = Literal["train", "heldout", "all"]
@@ -38,7 +38,7 @@ def _in_split(topic: int, split: Split) -> bool:
 
 def available_emotions(data: Path = DATA) -> list[str]:
     """Emotions that have a story file, in the order of the paper's list."""
-    from vectors.concepts import all_emotions
+    from limbic.vectors.concepts import all_emotions
 
     present = {p.stem for p in (data / "stories").glob("*.jsonl")}
     return [e for e in all_emotions() if file_stem(e) in present]

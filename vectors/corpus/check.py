@@ -1,4 +1,4 @@
-"""Validate corpus files: ``python -m vectors.corpus.check [FILE ...]`` (default: the whole corpus).
+"""Validate corpus files: ``python -m limbic.vectors.corpus.check [FILE ...]`` (default: the whole corpus).
 
 Exits 1 and lists every problem: bad schema, wrong topic/person assignment, or a story that names its label.
 """
@@ -9,8 +9,8 @@ import json
 import sys
 from pathlib import Path
 
-from vectors.concepts import all_emotions
-from vectors.corpus.labels import forbidden_hits
+from limbic.vectors.concepts import all_emotions
+from limbic.vectors.corpus.labels import forbidden_hits
 
 DATA = Path(__file__).parent / "data"
 

@@ -12,8 +12,7 @@ from collections import deque
 from typing import Protocol
 
 import redis.asyncio as aioredis
-
-from monitors.spool import AlertSpool
+from limbic.monitors.alerting.spool import AlertSpool
 
 log = logging.getLogger(__name__)
 
@@ -112,8 +111,8 @@ class RedisStreamSink:
 
 
 class SpooledSink:
-    """The Redis stream behind a durable local spool (``monitors.spool``): publishing never waits on Redis
-    and loses nothing while it is down."""
+    """The Redis stream behind a durable local spool (``limbic.monitors.alerting.spool``): publishing never waits
+    on Redis and loses nothing while it is down."""
 
     name = "redis"
 

@@ -7,6 +7,9 @@ import json
 from dataclasses import dataclass
 
 import torch
+from limbic.monitors.layers import hidden_size, num_hidden_layers
+from limbic.monitors.model_source import ModelSource
+from limbic.vectors.storage import ModelIdentity
 from safetensors import safe_open
 from transformers import (
     AutoConfig,
@@ -17,10 +20,6 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
-
-from monitors.layers import hidden_size, num_hidden_layers
-from monitors.model_source import ModelSource
-from vectors.storage import ModelIdentity
 
 # Enough of the embedding matrix to tell two checkpoints apart, small enough to hash in milliseconds.
 _FINGERPRINT_ROWS = 512

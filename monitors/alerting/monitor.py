@@ -11,14 +11,18 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
-
-from monitors.alertmanager import AlertmanagerPush
-from monitors.alerts import MITIGATIONS, AlertRule, AlertTracker, Crossing
-from monitors.conversations import ConversationStore, MemoryConversationStore, TrendRule, trend_crossings
-from monitors.engine import PHASES, Step, scored
-from monitors.metrics import Metrics
-from monitors.reviews import VERDICTS, MemoryReviewQueue, ReviewQueue, new_item
-from monitors.sinks import AlertSink
+from limbic.monitors.alerting.alertmanager import AlertmanagerPush
+from limbic.monitors.alerting.conversations import (
+    ConversationStore,
+    MemoryConversationStore,
+    TrendRule,
+    trend_crossings,
+)
+from limbic.monitors.alerting.reviews import VERDICTS, MemoryReviewQueue, ReviewQueue, new_item
+from limbic.monitors.alerting.rules import MITIGATIONS, AlertRule, AlertTracker, Crossing
+from limbic.monitors.alerting.sinks import AlertSink
+from limbic.monitors.engine import PHASES, Step, scored
+from limbic.monitors.metrics import Metrics
 
 log = logging.getLogger("limbic.alerts")
 

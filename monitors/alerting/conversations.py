@@ -18,9 +18,8 @@ from itertools import pairwise
 from typing import Literal, Protocol
 
 import redis.asyncio as aioredis
+from limbic.monitors.alerting.rules import Severity
 from pydantic import BaseModel, ConfigDict, Field
-
-from monitors.alerts import Severity
 
 
 class TrendRule(BaseModel):

@@ -21,8 +21,7 @@ import time
 import numpy as np
 import zmq
 import zmq.asyncio
-
-from monitors.engine import ScoredRows
+from limbic.monitors.engine import ScoredRows
 
 log = logging.getLogger(__name__)
 

@@ -13,9 +13,8 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
+from limbic.monitors.steering import Strength
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
-
-from monitors.steering import Strength
 
 SEVERITIES = ("warning", "critical")
 Severity = Literal["warning", "critical"]

@@ -17,18 +17,17 @@ from contextlib import AbstractContextManager
 from typing import Any
 
 import torch
+from limbic.monitors.channel import Channel
+from limbic.monitors.engine import SamplingParams, ScoredRows, Step, TokenLogprob
+from limbic.monitors.hf import model as hf_model
+from limbic.monitors.hf.constrained import GrammarCompiler, Matcher
+from limbic.monitors.layers import decoder_layers
+from limbic.monitors.mitigation import SteeringSchedule
+from limbic.monitors.probe import Readout, ResidualProbe
+from limbic.monitors.steering import request_steering, steer, steer_rows
+from limbic.monitors.text_stream import Generation
+from limbic.vectors.storage import EmotionVectors
 from torch import nn
-
-from monitors import hf_model
-from monitors.channel import Channel
-from monitors.constrained import GrammarCompiler, Matcher
-from monitors.engine import SamplingParams, ScoredRows, Step, TokenLogprob
-from monitors.layers import decoder_layers
-from monitors.mitigation import SteeringSchedule
-from monitors.probe import Readout, ResidualProbe
-from monitors.steering import request_steering, steer, steer_rows
-from monitors.text_stream import Generation
-from vectors.storage import EmotionVectors
 
 
 class TransformersEngine:

@@ -11,8 +11,7 @@ import functools
 import json
 
 import torch
-
-from monitors.engine import JsonConstraint
+from limbic.monitors.engine import JsonConstraint
 
 
 class GrammarCompiler:

@@ -1,12 +1,12 @@
 """The vLLM engine: continuous batching in vLLM's async engine, every request scored token by token.
 
 vLLM's ``AsyncLLM`` runs in this process (its engine core and workers in child processes). limbic's
-plugin (``monitors.vllm_plugin``) scores each forward pass's rows inside the worker and pushes them here
-over ZMQ (``monitors.vllm_scores``); this engine joins them to the tokens vLLM returns, per request.
+plugin (``limbic.monitors.vllm.plugin``) scores each forward pass's rows inside the worker and pushes them here
+over ZMQ (``limbic.monitors.vllm.scores``); this engine joins them to the tokens vLLM returns, per request.
 
 Alignment. A token's score is the residual at that token's own position, which exists only once the
 token has been fed back in. vLLM never feeds the last token it samples, so limbic asks vLLM for one token
-more than the client did, with EOS and stop strings handled here (``monitors.text_stream.Generation``):
+more than the client did, with EOS and stop strings handled here (``limbic.monitors.text_stream.Generation``):
 the step that would sample the extra token scores the last returned one, after which the request is
 ended and the extra token dropped. So every returned token is scored, exactly as in the transformers
 engine; the price is one decode row per request. Prompt tokens are all scored: requests skip reading
@@ -28,12 +28,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from monitors import hf_model, vllm_plugin
-from monitors.engine import EngineStartupError, SamplingParams, ScoredRows, Step, TokenLogprob
-from monitors.model_source import ModelSource
-from monitors.text_stream import Generation
-from monitors.vllm_scores import RequestScores, ScoreMissing, ScoreReceiver
-from vectors.storage import EmotionVectors, ModelIdentity
+from limbic.monitors.engine import EngineStartupError, SamplingParams, ScoredRows, Step, TokenLogprob
+from limbic.monitors.hf import model as hf_model
+from limbic.monitors.model_source import ModelSource
+from limbic.monitors.text_stream import Generation
+from limbic.monitors.vllm import plugin as vllm_plugin
+from limbic.monitors.vllm.scores import RequestScores, ScoreMissing, ScoreReceiver
+from limbic.vectors.storage import EmotionVectors, ModelIdentity
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +108,7 @@ class VLLMEngine:
             },
             disable_log_stats=True,
             # Compact JSON under constraints: a small model cannot wander off into whitespace (the
-            # transformers engine compiles its grammars the same way, monitors.constrained).
+            # transformers engine compiles its grammars the same way, limbic.monitors.hf.constrained).
             structured_outputs_config=StructuredOutputsConfig(backend="xgrammar", disable_any_whitespace=True),
         )
         try:
