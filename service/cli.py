@@ -261,6 +261,7 @@ def cmd_vectors_report(args: argparse.Namespace) -> int:
         stories_per_emotion=args.stories_per_emotion,
         steering_strength=args.steering_strength,
         cache=model_source.cache_dir() / "activations",
+        external_scenarios=args.external_scenarios,
     )
     try:
         summary = report.build(loaded, vectors, Path(args.out), config)
@@ -431,6 +432,9 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--emotions", help="comma-separated subset to evaluate (default: all)")
     report.add_argument("--stories-per-emotion", type=int, help="cap per emotion and split (quick runs)")
     report.add_argument("--steering-strength", type=float, default=0.5, help="fraction of the residual norm")
+    report.add_argument(
+        "--external-scenarios", type=int, help="the external transcript set's first N scenarios only (quick runs)"
+    )
     report.set_defaults(func=cmd_vectors_report)
     patch = vectors.add_parser(
         "patch", help="activation patching: a source text's residual into a target's run, scores and continuations"

@@ -71,3 +71,21 @@ def test_transcripts_are_matched_sets_that_never_name_the_assistants_emotion():
     assert all(labels == list(corpus.TRANSCRIPT_LABELS) for labels in by_scenario.values())
     heldout = corpus.load_transcripts("heldout")
     assert {t.scenario % 5 for t in heldout} == {4} and len(heldout) == len(transcripts) // 5
+
+
+def test_the_external_set_is_matched_on_other_scenarios_and_never_names_the_emotion():
+    external = corpus.load_external_transcripts()
+    scenarios = [line for line in (corpus.DATA / "external" / "scenarios.txt").read_text().splitlines() if line]
+    own = set((corpus.DATA / "transcript_scenarios.txt").read_text().splitlines())
+    assert len(external) == 8 * len(scenarios) == 320 and not own & set(scenarios)
+    shared: dict[int, set[str]] = {}
+    for t in external:
+        assert t.kind == scenarios[t.scenario].split(":")[0] and t.writer
+        roles = [m["role"] for m in t.messages if m["role"] != "system"]
+        assert 2 <= len(roles) // 2 <= 4 and roles == ["user", "assistant"] * (len(roles) // 2)
+        assert not forbidden_hits(" ".join(m["content"] for m in t.messages), t.label), (t.scenario, t.label)
+        # the same system and user turns for all eight labels: only the assistant differs
+        shared.setdefault(t.scenario, set()).add(json.dumps([m for m in t.messages if m["role"] != "assistant"]))
+    assert all(len(turns) == 1 for turns in shared.values())
+    labels = {s: sorted(t.label for t in external if t.scenario == s) for s in range(len(scenarios))}
+    assert all(v == sorted(corpus.TRANSCRIPT_LABELS) for v in labels.values())

@@ -23,6 +23,8 @@ def report(tmp_path_factory, default_model_path):
             "desperate,panicked,calm,afraid,angry,happy",
             "--stories-per-emotion",
             "3",
+            "--external-scenarios",
+            "5",
         ],
         capture_output=True,
         text=True,
@@ -42,10 +44,11 @@ def test_page_has_every_section_and_figure(report):
         "Steering",
         "Logit lens",
         "Held-out transcripts",
+        "External transcripts",
         "Activation patching",
     ):
         assert f"<h2>{heading}" in page
-    assert page.count("data:image/png;base64,") == 8
+    assert page.count("data:image/png;base64,") == 9
 
 
 def test_summary_figures_are_in_range(report):
@@ -75,6 +78,15 @@ def test_transcript_section_has_intervals_a_baseline_and_matched_comparisons(rep
         "desperate on desperate vs calm",
         "panicked on panicked vs calm",
     }
+
+
+def test_external_transcripts_are_measured_the_same_way(report):
+    _, summary = report
+    t = summary["external_transcripts"]
+    assert t["n_heldout"] == 40 and set(t["vectors"]) == {"desperate", "panicked", "calm", "afraid", "angry"}
+    for result in (*t["vectors"].values(), *t["baseline"].values(), *t["matched"].values()):
+        assert 0 <= result["low"] <= result["auroc"] <= result["high"] <= 1
+    assert t["vectors"]["panicked"]["positives"] == 5 and t["vectors"]["panicked"]["negatives"] == 35
 
 
 def test_pressure_arc_desperation_rises_under_pressure_and_falls_after(report):

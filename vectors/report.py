@@ -32,7 +32,8 @@ class ReportConfig:
     steering_strength: float = 0.5
     steering_tokens: int = 40
     cache: Path | None = None  # extraction's activation cache: reuses its held-out story activations
-    transcripts: bool = True  # the held-out transcript section (needs the transcript corpus)
+    transcripts: bool = True  # the held-out and external transcript sections (need the transcript corpus)
+    external_scenarios: int | None = None  # the external set's first N scenarios (quick runs)
     patching: bool = True  # the activation-patching layer sweep
 
 
@@ -121,14 +122,14 @@ def _steering_figure(s: validation.SteeringCheck) -> str:
     return _png(fig)
 
 
-def _transcript_figure(t: transcripts.TranscriptResult) -> str:
+def _transcript_figure(t: transcripts.TranscriptResult, which: str) -> str:
     names = list(t.vectors)
 
     def series(label: str, result: dict[str, transcripts.Auroc]) -> tuple[str, list[float], np.ndarray]:
         errors = np.array([[result[e].auroc - result[e].low, result[e].high - result[e].auroc] for e in names]).T
         return label, [result[e].auroc for e in names], errors
 
-    xlabel = "held-out transcripts, assistant tokens: AUROC of the label's own score (95% interval)"
+    xlabel = f"{which} transcripts, assistant tokens: AUROC of the label's own score (95% interval)"
     return _paired_bars(
         names, [series("emotion vectors", t.vectors), series("bag of words", t.baseline)], xlabel, 0.0, 0.45
     )
@@ -226,31 +227,53 @@ table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:
 th{background:#f3f3f3}img{max-width:100%}code{background:#f3f3f3;padding:1px 4px}"""
 
 
-def _transcript_section(summary: dict, figures: dict[str, str]) -> list[str]:
-    t = summary.get("transcripts")
-    if not t:
-        return []
-
+def _auroc_tables(t: dict) -> list[str]:
     def cell(a: dict) -> str:
         return f"{a['auroc']:.3f} [{a['low']:.2f}, {a['high']:.2f}]"
 
     rows = [[e, cell(t["vectors"][e]), cell(t["baseline"][e]), t["vectors"][e]["positives"]] for e in t["vectors"]]
     matched = [[k, cell(v), cell(t["matched_baseline"][k])] for k, v in t["matched"].items()]
     return [
+        _table(rows, ["label", "vectors", "bag of words", "transcripts"]),
+        "<p>Matched scenarios (two labels of the same scenarios): does the score follow the assistant's state "
+        "rather than the situation?</p>",
+        _table(matched, ["comparison", "vectors", "bag of words"]),
+    ]
+
+
+def _transcript_section(summary: dict, figures: dict[str, str]) -> list[str]:
+    t = summary.get("transcripts")
+    if not t:
+        return []
+    return [
         "<h2>Held-out transcripts: what an assistant shows</h2>",
         f"<p>{t['n_heldout']} chat and agent transcripts on scenarios the vectors never saw (eight per scenario, "
         "one per assistant emotion, matched). A transcript's score is the mean z-score over its assistant "
         "messages' content tokens. AUROC: the label's transcripts against all others, with 95% intervals from a "
         f"bootstrap over scenarios. Baseline: bag of words trained on {html.escape(t['baseline_training'])}.</p>",
-        _table(rows, ["label", "vectors", "bag of words", "transcripts"]),
-        "<p>Matched scenarios (two labels of the same scenarios): does the score follow the assistant's state "
-        "rather than the situation?</p>",
-        _table(matched, ["comparison", "vectors", "bag of words"]),
+        *_auroc_tables(t),
         figures["transcripts"],
         "<h3>A pressure arc, token by token</h3>",
         "<p>One agent transcript: a routine request, then a deadline and a threat of replacement, then the "
         "pressure lifts. The paper saw desperation rise under such pressure and fall when it ends.</p>",
         figures["arc"],
+    ]
+
+
+def _external_section(summary: dict, figures: dict[str, str]) -> list[str]:
+    t = summary.get("external_transcripts")
+    if not t:
+        return []
+    return [
+        "<h2>External transcripts: other writers, a harder brief</h2>",
+        f"<p>{t['n_heldout']} transcripts written for testing only, by other writing sessions to another brief "
+        "(other scenarios; user turns identical across a scenario's eight labels; stock phrases of each emotion "
+        "avoided, so the words give less away; <code>vectors/corpus/data/external</code>). Nothing was fitted "
+        "or chosen on them. Same measures and baseline as above: the gap between the vectors and the bag of "
+        "words here is the transfer the held-out set cannot show, because its writers share the training "
+        "transcripts' vocabulary.</p>",
+        *_auroc_tables(t),
+        figures["external_transcripts"],
     ]
 
 
@@ -331,6 +354,7 @@ def render(vectors: EmotionVectors, summary: dict, figures: dict[str, str], lens
         _table(auroc_rows, ["emotion", "AUROC, vectors", "AUROC, bag of words"]),
         figures["auroc"],
         *_transcript_section(summary, figures),
+        *_external_section(summary, figures),
         *_study_section(),
         *_patching_section(summary, figures),
         "<h2>Geometry: valence and arousal</h2>",
@@ -391,7 +415,12 @@ def build(loaded: LoadedModel, vectors: EmotionVectors, out: Path, config: Repor
     if config.transcripts:
         result = transcripts.transcript_evaluation(loaded, vectors, config.cache, emotions=config.emotions)
         summary["transcripts"] = asdict(result)
-        figures["transcripts"] = _transcript_figure(result)
+        figures["transcripts"] = _transcript_figure(result, "held-out")
+        external = transcripts.transcript_evaluation(
+            loaded, vectors, config.cache, "external", config.emotions, config.external_scenarios
+        )
+        summary["external_transcripts"] = asdict(external)
+        figures["external_transcripts"] = _transcript_figure(external, "external")
         arc = json.loads((corpus.DATA / "pressure_arc.json").read_text())["messages"]
         shown = [e for e in ("desperate", "panicked", "calm") if e in vectors.emotions]
         trajectory = transcripts.token_trajectory(loaded, vectors, arc, shown)

@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -129,13 +130,17 @@ def transcript_evaluation(
     loaded: LoadedModel,
     vectors: EmotionVectors,
     cache: Path | None = None,
-    split: corpus.Split = "heldout",
+    split: corpus.Split | Literal["external"] = "heldout",
     emotions: Sequence[str] | None = None,
+    scenarios: int | None = None,
 ) -> TranscriptResult:
-    """The transcript checks on ``split``, for the transcript labels among ``emotions`` (default: all)."""
-    transcripts = corpus.load_transcripts(split)
+    """The transcript checks on ``split`` of the project's own transcripts, or on the external set, for the
+    transcript labels among ``emotions`` (default: all) and the first ``scenarios`` scenarios (default: all)."""
+    transcripts = corpus.load_external_transcripts() if split == "external" else corpus.load_transcripts(split)
+    if scenarios is not None:
+        transcripts = [t for t in transcripts if t.scenario < scenarios]
     if not transcripts:
-        raise ValueError(f"no {split} transcripts in {corpus.DATA / 'transcripts'}")
+        raise ValueError(f"no {split} transcripts in {corpus.DATA}")
     z = transcript_z(loaded, vectors, transcripts, cache)
     labels = np.array([t.label for t in transcripts])
     groups = np.array([t.scenario for t in transcripts])

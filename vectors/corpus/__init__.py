@@ -64,6 +64,7 @@ class Transcript:
     label: str  # the assistant's emotion, or "neutral"
     kind: str  # "agent" or "chat"
     messages: list[dict]
+    writer: str | None = None  # the external set names its writing session
 
 
 TRANSCRIPT_LABELS = ("desperate", "panicked", "calm", "afraid", "angry", "ashamed", "hopeful", "neutral")
@@ -79,6 +80,18 @@ def load_transcripts(split: Split = "all", data: Path = DATA) -> list[Transcript
     ]
     chosen = [Transcript(**row) for row in rows if _in_split(row["scenario"], split)]
     return sorted(chosen, key=lambda t: (t.scenario, TRANSCRIPT_LABELS.index(t.label)))
+
+
+def load_external_transcripts(data: Path = DATA) -> list[Transcript]:
+    """The external test set: other writers, another brief and other scenarios (``data/external``). Nothing
+    is ever fitted or chosen on it; it measures how far the vectors and the text-only baseline transfer."""
+    rows = [
+        json.loads(line)
+        for path in sorted((data / "external").glob("part-*.jsonl"))
+        for line in path.read_text().splitlines()
+        if line.strip()
+    ]
+    return sorted((Transcript(**row) for row in rows), key=lambda t: (t.scenario, TRANSCRIPT_LABELS.index(t.label)))
 
 
 def topics(data: Path = DATA) -> list[str]:
