@@ -22,6 +22,8 @@ sys.path.insert(0, str(ROOT / "tests"))
 # Every vLLM server in the tests prefills at most 256 tokens per forward pass, so longer prompts are
 # chunked (tested in test_vllm); one setting for all of them also means one torch.compile, then cache hits.
 os.environ.setdefault("LIMBIC_VLLM_MAX_NUM_BATCHED_TOKENS", "256")
+# Every forward pass in the tests' vLLM servers checks the plugin's host-side positions against the runner's.
+os.environ.setdefault("LIMBIC_VLLM_VERIFY_POSITIONS", "1")
 # The servers' alert spools go to a folder of this run, not the user's cache.
 os.environ.setdefault("LIMBIC_ALERT_SPOOL_DIR", tempfile.mkdtemp(prefix="limbic-spool-"))
 

@@ -74,3 +74,71 @@ def test_the_api_side_reader_and_monitor_import_without_torch():
     result = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "False"
+
+
+def test_hello_reaches_the_reader_and_host_tensors_are_sent(tmp_path):
+    import torch
+
+    async def scenario() -> None:
+        address = f"ipc://{tmp_path}/scores"
+        receiver = ScoreReceiver(address, WIDTH)
+        receiver.start()
+        pusher = ScorePusher(address)
+        pusher.hello({"runner": "CPUModelRunner", "layer": 20})
+        await asyncio.wait_for(receiver.said_hello.wait(), 5)
+        assert receiver.hello == {"runner": "CPUModelRunner", "layer": 20}
+        scores = receiver.open("t", capacity=2)
+        p, z, n = rows([0, 1])
+        pusher.push(["t"], np.array([0, 2], np.int32), p, torch.from_numpy(z), torch.from_numpy(n), {})
+        assert (await scores.rows(0, 2, timeout=5)).z.tolist() == z.tolist()
+        await receiver.close()
+
+    asyncio.run(scenario())
+
+
+def test_backpressure_is_sized_in_bytes_and_the_forward_pass_waits_only_past_it(tmp_path):
+    """Nobody reads: the sender fills ZMQ's small queue, then the byte budget; the next push waits for room
+    and goes as soon as the reader drains (nothing is lost)."""
+    import threading
+
+    address = f"ipc://{tmp_path}/scores"
+    pull = zmq.Context.instance().socket(zmq.PULL)
+    pull.setsockopt(zmq.RCVHWM, 1)
+    pull.bind(address)
+    p, z, n = rows(list(range(1000)))  # ~16 KB a message
+    size = p.nbytes + z.nbytes + n.nbytes + 8
+    pusher = ScorePusher(address, budget_bytes=4 * size)
+    pushed = 0
+
+    def producer() -> None:
+        nonlocal pushed
+        for _ in range(40):
+            pusher.push(["k"], np.array([0, len(p)], np.int32), p, z, n, {})
+            pushed += 1
+
+    thread = threading.Thread(target=producer, daemon=True)
+    thread.start()
+    time.sleep(1.0)
+    stalled = pushed
+    assert stalled < 40 and pusher.queued_bytes <= 4 * size + 200  # waiting, within the budget
+    received = 0
+    while received < 40:
+        assert pull.poll(5000), f"only {received} of 40 messages arrived"
+        pull.recv_multipart()
+        received += 1
+    thread.join(5)
+    assert pushed == 40 and pusher.flush(5) and pusher.waited_s > 0.5
+    pull.close(linger=0)
+
+
+def test_one_message_larger_than_the_budget_still_goes(tmp_path):
+    address = f"ipc://{tmp_path}/scores"
+    pull = zmq.Context.instance().socket(zmq.PULL)
+    pull.bind(address)
+    p, z, n = rows(list(range(100)))
+    pusher = ScorePusher(address, budget_bytes=10)
+    pusher.push(["k"], np.array([0, 100], np.int32), p, z, n, {})
+    assert pull.poll(5000)
+    frames = pull.recv_multipart()
+    assert np.frombuffer(frames[3], "<f4").reshape(100, WIDTH).tolist() == z.tolist()
+    pull.close(linger=0)

@@ -15,6 +15,7 @@ vLLM's prefix cache (steered ones also carry their own cache salt, so their KV c
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import json
@@ -44,6 +45,7 @@ os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
 
 
 # Requests waiting this long without one score message from the workers make the server not ready.
+HELLO_TIMEOUT_S = 30.0  # the plugin says hello while vLLM loads the model, before start() runs
 SCORE_SILENCE_S = 30.0
 
 
@@ -91,7 +93,7 @@ class VLLMEngine:
         # stay out of the compile-cache key (the traced graph depends only on the layer and the plugin).
         os.environ[vllm_plugin.ADDRESS_ENV] = self._receiver.address
         os.environ[vllm_plugin.VECTORS_ENV] = str(Path(vectors_folder).resolve())
-        os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"  # the plugin reads the V1 runner's batch layout
+        _choose_v1_runner()
         args = AsyncEngineArgs(
             model=str(source.path),
             served_model_name=[source.name],
@@ -162,6 +164,16 @@ class VLLMEngine:
     async def start(self) -> None:
         """Starts the score reader in this event loop and checks the plugin reports from the worker."""
         self._receiver.start()
+        try:
+            await asyncio.wait_for(self._receiver.said_hello.wait(), HELLO_TIMEOUT_S)
+        except TimeoutError as exc:
+            raise EngineStartupError(
+                "vLLM started but limbic's plugin never ran in its workers: the model runner vLLM picked is not "
+                "one limbic reads (it needs the V1 runner: VLLM_USE_V2_MODEL_RUNNER=0, which limbic sets), or "
+                "the plugin is not installed (`pip install -e .` registers the vllm.general_plugins entry "
+                "point; leave VLLM_PLUGINS unset or include `limbic` in it)"
+            ) from exc
+        log.info("limbic: vLLM plugin reports %s", self._receiver.hello)
         try:
             await self.score(self.encode("limbic start-up check"), timeout=60.0)
         except ScoreMissing as exc:
@@ -309,14 +321,38 @@ def _logprob(token: int, logprobs: Any, n: int, k: int | None) -> TokenLogprob |
     return TokenLogprob(token, entries[token].logprob, tuple((t, lp) for _, t, lp in top))
 
 
+def _choose_v1_runner() -> None:
+    """The plugin reads the V1 model runner's batch layout; vLLM picks its V2 runner by default where Triton
+    runs (GPUs). Chosen here, read by the spawned workers; an operator's explicit V2 is refused by name."""
+    wanted = os.environ.get("VLLM_USE_V2_MODEL_RUNNER", "").strip().lower()
+    if wanted in ("1", "true"):
+        raise EngineStartupError(
+            f"VLLM_USE_V2_MODEL_RUNNER={os.environ['VLLM_USE_V2_MODEL_RUNNER']}: limbic's vLLM plugin reads the "
+            "V1 model runner's batch layout and does not support the V2 runner yet; unset it (limbic then sets 0)"
+        )
+    os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
+
+
+def splitting_ops() -> list[str]:
+    """vLLM's own default splitting ops (its attention and KV-cache ops, whatever this version has), plus
+    limbic's tap: piecewise graphs are cut at each, so the tap runs eagerly between captured pieces."""
+    from vllm.config import CompilationConfig, ParallelConfig
+    from vllm.config.compilation import CompilationMode
+
+    defaults = CompilationConfig(mode=CompilationMode.VLLM_COMPILE)
+    defaults.set_splitting_ops_for_v1(all2all_backend=ParallelConfig().all2all_backend)
+    return [*(defaults.splitting_ops or []), vllm_plugin.OP_NAME]
+
+
 def _platform_args(options: VLLMOptions) -> dict[str, Any]:
     """CPU: a fixed KV cache size (vLLM's default reserves a fraction of the whole machine's memory).
 
-    GPU: piecewise CUDA graphs split at the tap, so the op runs eagerly between captured pieces every
-    step; inside a captured graph only its kernels would replay, not its Python (the batch layout, the
-    push). Untested here: no GPU on the development machines, and the CPU build has no CUDA graphs.
+    GPU: piecewise CUDA graphs split at the tap (``splitting_ops``), so the op runs eagerly between
+    captured pieces every step. Full CUDA graphs (FULL, FULL_AND_PIECEWISE) would replay the monitored
+    layer's kernels without the op's Python (the batch layout, the push, steering): the plugin refuses
+    them at load and checks every forward pass ran the tap. Not run here: no GPU on the development
+    machines, and the CPU build has no CUDA graphs (bench/gpu_check.py is the check for a GPU machine).
     """
-    from vllm.config import CompilationConfig
     from vllm.platforms import current_platform
 
     if current_platform.is_cpu():
@@ -325,6 +361,4 @@ def _platform_args(options: VLLMOptions) -> dict[str, Any]:
         # inductor cache works: later starts warm up in ~25 s. Read by the spawned worker.
         os.environ.setdefault("VLLM_USE_AOT_COMPILE", "0")
         return {"kv_cache_memory_bytes": int(options.kv_cache_gib * 2**30)}
-    kv_updates = ["vllm::unified_kv_cache_update", "vllm::unified_mla_kv_cache_update"]  # vLLM's defaults too
-    splitting = [*CompilationConfig._attention_ops, *kv_updates, vllm_plugin.OP_NAME]
-    return {"compilation_config": {"splitting_ops": splitting, "cudagraph_mode": "PIECEWISE"}}
+    return {"compilation_config": {"splitting_ops": splitting_ops(), "cudagraph_mode": "PIECEWISE"}}

@@ -43,6 +43,8 @@ VECTORS_ENV = "LIMBIC_VLLM_VECTORS"  # the vector set folder
 # Key in a request's SamplingParams.extra_args: {"key": str, "steer": {emotion: s}, "trigger": SteerTrigger json}
 REQUEST_KEY = "limbic"
 OP_NAME = "limbic::residual_tap"
+# Tests set it: every step checks the host-side positions against the runner's device tensor (a sync).
+_VERIFY_POSITIONS = os.environ.get("LIMBIC_VLLM_VERIFY_POSITIONS") == "1"
 PLUGIN_VERSION = 1  # part of the compile-cache key: bump when the traced tap changes
 
 _monitor: LayerMonitor | None = None  # one model per worker process
@@ -116,7 +118,8 @@ def _tapped_forward(layer: torch.nn.Module, original: Any, *args: Any, **kwargs:
 # --- the worker-side monitor ------------------------------------------------------------------------------
 @dataclass
 class _BatchLayout:
-    """Which rows of this forward pass belong to which request, read from vLLM's V1 model runner."""
+    """Which rows of this forward pass belong to which request, read from vLLM's V1 model runner's host-side
+    state only: reading a device tensor here would wait for the GPU in the middle of the forward pass."""
 
     req_ids: list[str]
     starts: np.ndarray  # query start offsets, len(req_ids) + 1
@@ -128,8 +131,16 @@ class _BatchLayout:
         if n_reqs == 0:  # profiling and warm-up runs
             return None
         starts = runner.query_start_loc.np[: n_reqs + 1].copy()
-        rows = int(starts[-1])
-        positions = runner.positions[:rows].cpu().numpy().astype(np.int32)  # [:rows]: CUDA graphs pad
+        counts = np.diff(starts)
+        # A row's position: the tokens its request had computed before this step, plus its offset in the
+        # step's chunk (the runner derives the input ids it gathers the same way, on the host).
+        computed = runner.input_batch.num_computed_tokens_cpu[:n_reqs]
+        offsets = np.arange(int(starts[-1])) - np.repeat(starts[:-1], counts)
+        positions = (np.repeat(computed, counts) + offsets).astype(np.int32)
+        if _VERIFY_POSITIONS:  # tests: the device-side positions the model saw must agree
+            seen = runner.positions[: len(positions)].cpu().numpy()
+            if not np.array_equal(seen, positions):
+                raise AssertionError(f"limbic: host-side positions {positions[:8]} != runner's {seen[:8]}")
         return cls(list(runner.input_batch.req_ids[:n_reqs]), starts, positions)
 
 
@@ -152,21 +163,33 @@ class LayerMonitor:
         self.readout = Readout(self.vectors, self.device)
         self._requests: dict[str, _Request] = {}  # vLLM request id -> what limbic sent with it
         self._pusher = ScorePusher(os.environ[ADDRESS_ENV]) if _is_reporting_rank() else None
+        if self._pusher is not None:  # the API's start-up check waits for this
+            self._pusher.hello({"runner": type(runner).__name__, "layer": options["layer"], "device": str(self.device)})
         self.times = {"forward": 0.0, "scoring": 0.0}  # cumulative seconds, reported with every message
+        self.taps = 0  # calls of the tap's Python: the guard below checks each forward pass made one
         runner.execute_model = self._timed(runner.execute_model)
 
     def _timed(self, execute_model: Any) -> Any:
         @functools.wraps(execute_model)
         def timed(*args: Any, **kwargs: Any) -> Any:
-            started = time.perf_counter()
+            started, taps = time.perf_counter(), self.taps
             try:
                 return execute_model(*args, **kwargs)
             finally:
                 self.times["forward"] += time.perf_counter() - started
+                scheduled = args[0] if args else kwargs.get("scheduler_output")
+                if getattr(scheduled, "total_num_scheduled_tokens", 0) and self.taps == taps:
+                    # The model ran but the tap's Python did not: a captured graph replayed it (a full CUDA
+                    # graph). Its tokens would have no scores: stop loudly rather than serve them unscored.
+                    raise RuntimeError(
+                        "limbic: a forward pass ran without limbic's tap (replayed from a full CUDA graph?); "
+                        "limbic needs cudagraph_mode PIECEWISE with its op among the splitting ops"
+                    )
 
         return timed
 
     def on_forward(self, hidden: torch.Tensor, residual: torch.Tensor | None) -> None:
+        self.taps += 1
         layout = _BatchLayout.read(self.runner)
         if layout is None:
             return
@@ -174,13 +197,20 @@ class LayerMonitor:
         rows = int(layout.starts[-1])
         stream = hidden[:rows] if residual is None else hidden[:rows] + residual[:rows]
         requests = [self._request(req_id) for req_id in layout.req_ids]
+        triggers = any(r.schedule is not None for r in requests)
         scores = None
-        if self._pusher is not None or any(r.schedule is not None for r in requests):
+        if self._pusher is not None or triggers:
             z, norms = self.readout.score(stream)
-            scores = z.cpu().numpy(), norms.cpu().numpy()
+            z, norms, ready = _to_host(z, norms)
+            if triggers:  # the trigger decides from these scores now: the one case that waits for the device
+                if ready is not None:
+                    ready.synchronize()
+                scores = z.numpy(), norms.numpy()
             self.times["scoring"] += time.perf_counter() - started
             if self._pusher is not None:
-                self._pusher.push([r.key for r in requests], layout.starts, layout.positions, *scores, self.times)
+                self._pusher.push(
+                    [r.key for r in requests], layout.starts, layout.positions, z, norms, self.times, ready
+                )
             started = time.perf_counter()
         for i, request in enumerate(requests):
             lo, hi = int(layout.starts[i]), int(layout.starts[i + 1])
@@ -226,6 +256,32 @@ class LayerMonitor:
             del self._requests[req_id]
 
 
+def _to_host(z: torch.Tensor, norms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, Any]:
+    """Host copies of a pass's scores. On a GPU: asynchronous copies into pinned memory and the event that
+    completes them, so the forward pass does not wait; the sender thread waits on the event instead."""
+    if z.device.type != "cuda":
+        return z, norms, None
+    z_host = torch.empty(z.shape, dtype=z.dtype, pin_memory=True)
+    norms_host = torch.empty(norms.shape, dtype=norms.dtype, pin_memory=True)
+    z_host.copy_(z, non_blocking=True)
+    norms_host.copy_(norms, non_blocking=True)
+    ready = torch.cuda.Event()
+    ready.record()
+    return z_host, norms_host, ready
+
+
+def _refuse_full_graphs(runner: Any) -> None:
+    """The tap's Python (batch layout, push, steering) runs only when the op is executed, not when a captured
+    CUDA graph replays its kernels: a full graph would serve tokens unscored."""
+    mode = runner.vllm_config.compilation_config.cudagraph_mode
+    if mode is not None and mode.has_full_cudagraphs():
+        raise RuntimeError(
+            f"limbic: vLLM's cudagraph_mode is {mode.name}, whose full CUDA graphs would replay the monitored "
+            "layer without limbic's tap; limbic runs with cudagraph_mode PIECEWISE (its default): leave "
+            "compilation_config.cudagraph_mode unset"
+        )
+
+
 def _is_reporting_rank() -> bool:
     """Tensor-parallel ranks hold the same residual stream: the first one reports, all of them steer."""
     try:
@@ -243,6 +299,7 @@ def install(runner: Any, options: dict[str, Any]) -> None:
 
     model = runner.model
     layers = decoder_layers(model, runner.model_config.hf_config)
+    _refuse_full_graphs(runner)
     layer = layers[options["layer"]]
     original = layer.forward
     layer.forward = functools.partial(_tapped_forward, layer, original)

@@ -4,19 +4,27 @@ One ZMQ message per forward pass (PUSH in the worker, PULL in the API process, o
 JSON header (the requests' limbic keys, and the worker's cumulative forward and scoring seconds), then raw
 little-endian arrays: query start offsets (int32, one more than keys), each row's position (int32),
 z-scores (float32, rows x emotions) and residual norms (float32). Rows for a request nobody waits on
-(finished, aborted, or a warm-up) are dropped.
+(finished, aborted, or a warm-up) are dropped. A header-only message with ``hello`` is the plugin saying it
+runs (which runner, which layer), sent once at start-up.
 
-The worker's send blocks when the reader falls far behind (ZMQ's high-water mark): generation slows
-down rather than losing scores.
+The worker hands each pass's scores to a sender thread, off the forward path (on a GPU, with the event that
+completes their asynchronous copy to pinned memory). Backpressure is sized in bytes: at most
+``LIMBIC_VLLM_SCORE_BUFFER_MB`` of scores wait in the worker; beyond that the forward pass waits, so a reader
+that falls far behind slows generation rather than losing scores or growing memory without bound. ZMQ's own
+queues hold a few messages more on each side.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import json
 import logging
+import os
+import threading
 import time
+from typing import Any
 
 import numpy as np
 import zmq
@@ -25,39 +33,99 @@ from limbic.monitors.engine import ScoredRows
 
 log = logging.getLogger(__name__)
 
-_HIGH_WATER_MARK = 10_000  # messages; a forward pass each
+_HIGH_WATER_MARK = 8  # messages in each side's ZMQ queue; the byte budget bounds the rest
+BUFFER_ENV = "LIMBIC_VLLM_SCORE_BUFFER_MB"
+DEFAULT_BUFFER_MB = 64.0
+
+
+def _buffer_bytes() -> int:
+    return int(float(os.environ.get(BUFFER_ENV) or DEFAULT_BUFFER_MB) * 2**20)
 
 
 class ScorePusher:
-    """Worker side: sends each forward pass's scores."""
+    """Worker side: queues each forward pass's scores and sends them from a thread."""
 
-    def __init__(self, address: str) -> None:
-        self._context = zmq.Context()
-        self._socket = self._context.socket(zmq.PUSH)
-        self._socket.setsockopt(zmq.SNDHWM, _HIGH_WATER_MARK)
-        self._socket.connect(address)
+    def __init__(self, address: str, budget_bytes: int | None = None) -> None:
+        self.budget_bytes = _buffer_bytes() if budget_bytes is None else budget_bytes
+        self.queued_bytes = 0
+        self.waited_s = 0.0  # how long forward passes waited for the reader (cumulative)
+        self._queue: collections.deque[tuple[bytes, list[Any], Any, int]] = collections.deque()
+        self._changed = threading.Condition()
+        self._failed: BaseException | None = None
+        self._thread = threading.Thread(target=self._send_loop, args=(address,), name="limbic-scores", daemon=True)
+        self._thread.start()
+
+    def hello(self, info: dict[str, Any]) -> None:
+        self._enqueue(json.dumps({"hello": info}).encode(), [], None)
 
     def push(
         self,
         keys: list[str],
         starts: np.ndarray,
         positions: np.ndarray,
-        z: np.ndarray,
-        norms: np.ndarray,
+        z: Any,
+        norms: Any,
         times: dict[str, float],
+        ready: Any = None,
     ) -> None:
-        self._socket.send_multipart(
-            [
-                # "sent": when this forward pass scored its rows (CLOCK_MONOTONIC, shared by the processes of
-                # one machine): the API measures scoring lag from it, so a reader that falls behind shows.
-                json.dumps({"keys": keys, "times": times, "sent": time.perf_counter()}).encode(),
-                np.ascontiguousarray(starts, "<i4"),
-                np.ascontiguousarray(positions, "<i4"),
-                np.ascontiguousarray(z, "<f4"),
-                np.ascontiguousarray(norms, "<f4"),
-            ],
-            copy=False,
-        )
+        """Queues one pass. ``z`` and ``norms`` are numpy arrays or host tensors, complete once ``ready`` (a
+        CUDA event, or None) has completed; the sender reads them only after that."""
+        # "sent": when this forward pass scored its rows (CLOCK_MONOTONIC, shared by the processes of one
+        # machine): the API measures scoring lag from it, so a reader that falls behind shows.
+        header = json.dumps({"keys": keys, "times": dict(times), "sent": time.perf_counter()}).encode()
+        self._enqueue(header, [starts, positions, z, norms], ready)
+
+    def _enqueue(self, header: bytes, arrays: list[Any], ready: Any) -> None:
+        size = len(header) + sum(_nbytes(a) for a in arrays)
+        with self._changed:
+            started = time.perf_counter()
+            # One message larger than the whole budget still goes, alone.
+            while self._queue and self.queued_bytes + size > self.budget_bytes and self._failed is None:
+                self._changed.wait(1.0)
+            self.waited_s += time.perf_counter() - started
+            if self._failed is not None:
+                raise RuntimeError("limbic: the score sender stopped") from self._failed
+            self._queue.append((header, arrays, ready, size))
+            self.queued_bytes += size
+            self._changed.notify_all()
+
+    def flush(self, timeout: float = 10.0) -> bool:
+        """Waits until every queued message went to ZMQ (tests, shutdown)."""
+        with self._changed:
+            return self._changed.wait_for(lambda: not self._queue or self._failed is not None, timeout)
+
+    def _send_loop(self, address: str) -> None:
+        context = zmq.Context()
+        socket = context.socket(zmq.PUSH)
+        socket.setsockopt(zmq.SNDHWM, _HIGH_WATER_MARK)
+        socket.connect(address)
+        try:
+            while True:
+                with self._changed:
+                    self._changed.wait_for(lambda: bool(self._queue))
+                    header, arrays, ready, size = self._queue[0]
+                if ready is not None:
+                    ready.synchronize()  # this thread waits for the copy, not the forward pass
+                frames = [header, *(_little_endian(a) for a in arrays)]
+                socket.send_multipart(frames, copy=False)  # blocks while the reader's queues are full
+                with self._changed:
+                    self._queue.popleft()
+                    self.queued_bytes -= size
+                    self._changed.notify_all()
+        except BaseException as exc:  # the forward pass sees it at its next push
+            log.exception("limbic: the score sender stopped")
+            with self._changed:
+                self._failed = exc
+                self._changed.notify_all()
+
+
+def _nbytes(array: Any) -> int:
+    return int(array.nbytes) if isinstance(array, np.ndarray) else int(array.numel() * array.element_size())
+
+
+def _little_endian(array: Any) -> np.ndarray:
+    values = array if isinstance(array, np.ndarray) else array.numpy()
+    return np.ascontiguousarray(values, "<i4" if values.dtype.kind in "iu" else "<f4")
 
 
 class ScoreMissing(RuntimeError):
@@ -121,6 +189,8 @@ class ScoreReceiver:
         self.worker_times: dict[str, float] = {}  # cumulative seconds the worker reports: forward, scoring
         self.recomputed = 0  # positions that arrived a second time (preempted requests are recomputed)
         self._heard = time.monotonic()  # the last message, or when requests started waiting for one
+        self.hello: dict | None = None  # what the worker's plugin said at start-up
+        self.said_hello = asyncio.Event()
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="limbic-score-receiver")
@@ -161,6 +231,10 @@ class ScoreReceiver:
     def _route(self, frames: list[bytes]) -> None:
         self._heard = time.monotonic()
         header = json.loads(frames[0])
+        if "hello" in header:
+            self.hello = header["hello"]
+            self.said_hello.set()
+            return
         keys, sent = header["keys"], header.get("sent")
         self.worker_times = header["times"]
         starts = np.frombuffer(frames[1], "<i4")
