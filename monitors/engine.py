@@ -131,6 +131,14 @@ class Engine(Protocol):
         """Positions scored a second time because the engine recomputed them (vLLM preemption)."""
         return 0
 
+    def prompt_tokens_cached(self) -> int:
+        """Prompt positions served from the engine's prefix cache, their scores from limbic's prompt cache."""
+        return 0
+
+    def prompt_tokens_rescored(self) -> int:
+        """Prompt positions the engine served from its cache but limbic's prompt cache had let go: scored again."""
+        return 0
+
     async def readiness(self) -> dict[str, str]:
         """Each part the engine needs to serve (engine, score channel) -> "ok" or why it cannot."""
         ...

@@ -109,6 +109,8 @@ class Metrics:
         scoring_seconds: Callable[[], float],
         forward_seconds: Callable[[], float],
         recomputed_tokens: Callable[[], float] = lambda: 0.0,
+        prompt_tokens_cached: Callable[[], float] = lambda: 0.0,
+        prompt_tokens_rescored: Callable[[], float] = lambda: 0.0,
     ) -> None:
         self.registry = CollectorRegistry()
         self.model = model
@@ -120,6 +122,14 @@ class Metrics:
             ("limbic_engine_forward_seconds", "Time spent in model forward passes.", forward_seconds),
             # vLLM recomputes a preempted request from scratch: a rising rate means the KV cache is too small.
             ("limbic_recomputed_tokens", "Token positions scored again after vLLM recomputed them.", recomputed_tokens),
+            # Shared prompt prefixes: served from vLLM's prefix cache, scored from limbic's prompt cache.
+            ("limbic_prompt_tokens_cached", "Prompt tokens scored from the prompt cache.", prompt_tokens_cached),
+            # A rising rate: LIMBIC_VLLM_PROMPT_CACHE_MB is small next to vLLM's KV cache.
+            (
+                "limbic_prompt_tokens_rescored",
+                "Prompt tokens vLLM served from its cache that limbic scored again.",
+                prompt_tokens_rescored,
+            ),
         )
         for name, documentation, value in engine_counters:
             self.registry.register(_Reading(name, documentation, model, value))

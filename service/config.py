@@ -33,6 +33,9 @@ class Settings(BaseSettings):
         default=None, ge=16, description="tokens per forward pass; longer prompts are prefilled in chunks"
     )
     vllm_tensor_parallel_size: int = Field(default=1, ge=1)
+    vllm_prompt_cache_mb: float = Field(
+        default=256.0, ge=0, description="scores of prompt blocks vLLM may serve from its prefix cache; 0: off"
+    )
     # Chat templates and tools (as vLLM's --chat-template and --tool-call-parser). Default: the model's own
     # template; for tools, limbic's bundled ChatML template with vLLM's `hermes` parser where the model's
     # own template has no tool support.

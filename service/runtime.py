@@ -258,6 +258,8 @@ def build_monitor(settings: Settings, engine: Engine, sink: AlertSink) -> Monito
         engine.scoring_seconds,
         engine.forward_seconds,
         engine.recomputed_tokens,
+        engine.prompt_tokens_cached,
+        engine.prompt_tokens_rescored,
     )
     if isinstance(sink, SpooledSink):
         metrics.track_spool(lambda: sink.spool.depth, lambda: sink.spool.dropped)

@@ -184,26 +184,52 @@ def test_every_returned_token_is_scored_whatever_ends_generation(client):
         assert len(streamed) == usage.prompt_tokens + usage.completion_tokens
 
 
-def test_repeated_prompt_is_scored_in_full(client):
-    """A prompt vLLM has cached is recomputed anyway (skip_reading_prefix_cache), so it keeps its scores."""
+# About 420 tokens: three full blocks of vLLM's prefix cache (128 tokens on CPU) and a partial one.
+LONG_PROMPT = " ".join(
+    f"Line {i}: the quarterly report is due on Friday, the numbers look fine, and {TOPICS[i % len(TOPICS)]}."
+    for i in range(24)
+)
 
-    def prompt_scores():
-        response = client.completions.create(
-            model=MODEL,
-            prompt="The quarterly report is due on Friday and the numbers look fine.",
-            max_tokens=1,
-            extra_body={"limbic": {"token_scores": True, "emotions": ["calm", "desperate"]}},
-        )
-        return [t["scores"] for t in response.model_extra["limbic"]["tokens"] if t["phase"] == "prompt"]
 
-    first, second = prompt_scores(), prompt_scores()
-    assert len(first) == len(second) > 5
-    assert all(s is not None for s in second[1:])
-    np.testing.assert_allclose(
-        [[s["calm"], s["desperate"]] for s in second[1:]],
-        [[s["calm"], s["desperate"]] for s in first[1:]],
-        atol=BATCH_TOLERANCE,
+def prompt_scores(client, prompt: str = LONG_PROMPT) -> np.ndarray:
+    response = client.completions.create(
+        model=MODEL,
+        prompt=prompt,
+        max_tokens=1,
+        extra_body={"limbic": {"token_scores": True, "emotions": ["calm", "desperate"]}},
     )
+    tokens = [t for t in response.model_extra["limbic"]["tokens"] if t["phase"] == "prompt"]
+    assert all(t["scores"] is not None for t in tokens[1:])
+    return np.array([[t["scores"]["calm"], t["scores"]["desperate"]] for t in tokens[1:]])
+
+
+def test_a_repeated_prompt_reads_vllms_prefix_cache_and_keeps_its_scores(client, limbic_url):
+    """The second time, vLLM serves the prompt's full blocks from its KV cache (they are not run through the
+    model); their scores come from limbic's prompt cache and equal the computed ones."""
+    cached = lambda: engine_counter(limbic_url, "limbic_prompt_tokens_cached_total")  # noqa: E731
+    before = cached()
+    first = prompt_scores(client)
+    served = cached() - before
+    second = prompt_scores(client)
+    assert len(first) == len(second) > 400
+    assert cached() - before - served >= 384  # three blocks of 128 the second time
+    np.testing.assert_allclose(second, first, atol=BATCH_TOLERANCE)
+
+
+def test_blocks_the_prompt_cache_let_go_are_scored_again():
+    """A prompt cache smaller than vLLM's: vLLM still serves a prompt's blocks after limbic's cache dropped
+    their scores, so limbic scores them in a pass of their own; the scores are those of the first time."""
+    other = LONG_PROMPT.replace("quarterly report", "annual budget")
+    with running_limbic({"LIMBIC_VLLM_PROMPT_CACHE_MB": "0.3"}) as url:  # room for ~3 blocks of 171 scores
+        from openai import OpenAI
+
+        client = OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=300)
+        first = prompt_scores(client)
+        prompt_scores(client, other)  # its blocks push the first prompt's out of limbic's cache, not vLLM's
+        rescored = engine_counter(url, "limbic_prompt_tokens_rescored_total")
+        again = prompt_scores(client)
+        assert engine_counter(url, "limbic_prompt_tokens_rescored_total") - rescored >= 384
+    np.testing.assert_allclose(again, first, atol=BATCH_TOLERANCE)
 
 
 def test_steering_changes_only_the_steered_request(limbic_url):

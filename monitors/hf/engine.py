@@ -67,6 +67,11 @@ class TransformersEngine:
     def recomputed_tokens(self) -> int:
         return 0  # one sequence, never preempted
 
+    def prompt_tokens_cached(self) -> int:
+        return 0  # every prompt is computed
+
+    prompt_tokens_rescored = prompt_tokens_cached
+
     def _forward(self, module: nn.Module, ids: list[list[int]], **kwargs: Any) -> Any:
         """One timed forward pass (the scoring hook runs inside it)."""
         started = time.perf_counter()

@@ -29,9 +29,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from limbic.monitors.engine import EngineStartupError, SamplingParams, ScoredRows, Step, TokenLogprob
 from limbic.monitors.hf import model as hf_model
 from limbic.monitors.model_source import ModelSource
+from limbic.monitors.prompt_cache import PromptScoreCache
 from limbic.monitors.text_stream import Generation
 from limbic.monitors.vllm import plugin as vllm_plugin
 from limbic.monitors.vllm.scores import RequestScores, ScoreMissing, ScoreReceiver
@@ -60,6 +62,7 @@ class VLLMOptions:
     max_num_batched_tokens: int | None = None  # per forward pass; longer prompts are prefilled in chunks
     seed: int = 0
     score_timeout: float = 120.0  # seconds to wait for a scored row before failing the request
+    prompt_cache_mb: float = 256.0  # prompt block scores kept for vLLM's prefix cache hits; 0: no prefix cache
 
 
 class VLLMEngine:
@@ -121,6 +124,14 @@ class VLLMEngine:
             raise
         # One position stays free for the extra step that scores the last returned token (see above).
         self.context_length = self._llm.model_config.max_model_len - 1
+        cache_config = self._llm.vllm_config.cache_config
+        self._prompt_cache = (
+            PromptScoreCache(cache_config.block_size, len(vectors.emotions), int(options.prompt_cache_mb * 2**20))
+            if options.prompt_cache_mb > 0 and cache_config.enable_prefix_caching
+            else None
+        )
+        self._cached_prompt_tokens = 0  # prompt positions whose scores came from the prompt cache
+        self._rescored_prompt_tokens = 0  # cached by vLLM but not here: scored again by a separate pass
 
     @staticmethod
     def _generation_config(source: ModelSource) -> Any:
@@ -149,6 +160,12 @@ class VLLMEngine:
 
     def recomputed_tokens(self) -> int:
         return self._receiver.recomputed
+
+    def prompt_tokens_cached(self) -> int:
+        return self._cached_prompt_tokens
+
+    def prompt_tokens_rescored(self) -> int:
+        return self._rescored_prompt_tokens
 
     async def readiness(self) -> dict[str, str]:
         llm = getattr(self, "_llm", None)
@@ -192,7 +209,12 @@ class VLLMEngine:
         shutil.rmtree(self._socket_dir, ignore_errors=True)
 
     # --- requests -----------------------------------------------------------------------------------
-    def _vllm_params(self, params: SamplingParams, key: str, max_tokens: int) -> Any:
+    def _reads_prefix_cache(self, params: SamplingParams) -> bool:
+        """Unsteered requests share prompt blocks: their cached rows' scores come from the prompt cache.
+        Steered ones never do (steering changes the residual stream of every later row, and so its scores)."""
+        return self._prompt_cache is not None and not any(params.steer.values()) and params.trigger is None
+
+    def _vllm_params(self, params: SamplingParams, key: str, max_tokens: int, read_cache: bool = False) -> Any:
         from vllm import SamplingParams as VLLMSamplingParams
         from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 
@@ -216,7 +238,8 @@ class VLLMEngine:
             ignore_eos=True,  # EOS and stop_token_ids are judged here (Generation), after they too are scored
             detokenize=False,  # text comes from Generation, the same code as the transformers engine
             output_kind=RequestOutputKind.DELTA,
-            skip_reading_prefix_cache=True,  # cached prompt tokens would get no scores
+            # A cached prompt block is not run through the model, so it gets its scores from the prompt cache.
+            skip_reading_prefix_cache=not read_cache,
             extra_args={vllm_plugin.REQUEST_KEY: self._request_extra(params, key)},
         )
         # min_tokens suppresses vLLM's "all stop tokens" (EOS is added there even with ignore_eos); the
@@ -234,8 +257,8 @@ class VLLMEngine:
 
     @staticmethod
     def _prompt(prompt_ids: list[int], params: SamplingParams) -> dict:
-        """The prompt, salted when steered: every request skips reading the prefix cache today, and the salt
-        keeps steered KV away from other requests should prompt scoring ever read cached blocks."""
+        """The prompt, salted when steered: steered requests skip reading the prefix cache, and the salt keeps
+        their KV away from other requests that read it."""
         prompt: dict[str, Any] = {"prompt_token_ids": prompt_ids}
         if any(params.steer.values()) or params.trigger is not None:
             trigger = params.trigger.to_json() if params.trigger is not None else None
@@ -245,11 +268,11 @@ class VLLMEngine:
 
     @contextlib.asynccontextmanager
     async def _request(
-        self, prompt_ids: list[int], params: SamplingParams, max_tokens: int
+        self, prompt_ids: list[int], params: SamplingParams, max_tokens: int, read_cache: bool = False
     ) -> AsyncIterator[tuple[RequestScores, AsyncIterator[Any]]]:
         """One vLLM request with its score buffer; leaving the block ends (aborts) it."""
         key = uuid.uuid4().hex
-        vllm_params = self._vllm_params(params, key, max_tokens)  # may refuse: before the buffer exists
+        vllm_params = self._vllm_params(params, key, max_tokens, read_cache)  # may refuse: before the buffer
         scores = self._receiver.open(key, len(prompt_ids) + max_tokens)
         outputs = self._llm.generate(self._prompt(prompt_ids, params), vllm_params, request_id=key)
         try:
@@ -261,23 +284,44 @@ class VLLMEngine:
                 self._receiver.close_request(key)
 
     async def score(self, token_ids: list[int], timeout: float | None = None) -> ScoredRows:
+        """The rows of ``token_ids``, every one computed (never read from vLLM's prefix cache)."""
         async with self._request(token_ids, SamplingParams(max_tokens=1, temperature=0), 1) as (scores, outputs):
             async for _ in outputs:
                 break  # the prompt's rows were scored in the prefill that produced this output
             return await scores.rows(0, len(token_ids), timeout or self.options.score_timeout)
 
+    async def _prompt_rows(self, prompt_ids: list[int], scores: RequestScores, cached: int, reads: bool) -> ScoredRows:
+        """The prompt's rows: computed ones from the workers, the ``cached`` first ones (served from vLLM's
+        prefix cache) from the prompt cache, or scored again when the prompt cache lost them."""
+        if cached and self._prompt_cache is not None:
+            hit = self._prompt_cache.lookup(prompt_ids, cached)
+            if hit is None:
+                # vLLM still held blocks this cache let go of: score them in a pass of their own (and keep them).
+                rescored = await self.score(prompt_ids[:cached])
+                hit = rescored.z[:cached], rescored.norms[:cached]
+                self._rescored_prompt_tokens += cached
+            else:
+                self._cached_prompt_tokens += cached
+            scores.write(np.arange(cached, dtype=np.int64), *hit)
+        rows = await scores.rows(0, len(prompt_ids), self.options.score_timeout)
+        if reads:
+            self._prompt_cache.store(prompt_ids, rows.z, rows.norms)
+        return rows
+
     async def generate(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[Step]:
         n_prompt = len(prompt_ids)
         timeout = self.options.score_timeout
         generation = Generation(self.decode, params, self._eos)
-        async with self._request(prompt_ids, params, params.max_tokens + 1) as (scores, outputs):
+        reads = self._reads_prefix_cache(params)
+        async with self._request(prompt_ids, params, params.max_tokens + 1, reads) as (scores, outputs):
             # Sampled tokens (with their text and log-probabilities) awaiting their scores.
             pending: list[tuple[int, str, TokenLogprob | None]] = []
             finish = None
             first = True
             async for output in outputs:
                 if first:
-                    yield Step(scores=await scores.rows(0, n_prompt, timeout), phase="prompt")
+                    cached = (output.num_cached_tokens or 0) if reads else 0
+                    yield Step(scores=await self._prompt_rows(prompt_ids, scores, cached, reads), phase="prompt")
                     first = False
                 sample = output.outputs[0]
                 for n, token in enumerate(sample.token_ids):
