@@ -11,7 +11,9 @@ from pathlib import Path
 from typing import Any
 
 
-def write(out: Path, figures: dict[str, Any], **machine: Any) -> None:
+def write(out: Path, figures: dict[str, Any], echo: bool = True, **machine: Any) -> None:
+    """Writes the record to ``out`` (and prints it unless ``echo`` is false: a script that saves partial
+    results after each step writes often)."""
     record = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "machine": {
@@ -26,4 +28,5 @@ def write(out: Path, figures: dict[str, Any], **machine: Any) -> None:
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(record, indent=2) + "\n")
-    print(json.dumps(record, indent=2))
+    if echo:
+        print(json.dumps(record, indent=2))
