@@ -27,6 +27,9 @@ class Settings(BaseSettings):
     engine: Literal["auto", "vllm", "transformers"] = "auto"
     vllm_enforce_eager: bool = Field(default=False, description="skip torch.compile: fast start, slower serving")
     vllm_kv_cache_gib: float = Field(default=1.0, gt=0, description="CPU: memory for vLLM's KV cache")
+    vllm_gpu_memory_utilization: float = Field(
+        default=0.9, gt=0, le=1, description="GPU: the share of the device's memory vLLM may take (weights and KV)"
+    )
     vllm_max_model_len: int | None = Field(default=None, ge=16, description="None: the model's context length")
     vllm_max_num_seqs: int = Field(default=64, ge=1, description="requests vLLM batches at once")
     vllm_max_num_batched_tokens: int | None = Field(

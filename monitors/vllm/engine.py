@@ -56,6 +56,7 @@ class VLLMOptions:
     dtype: str = "float32"
     max_model_len: int | None = None  # None: the model's own
     kv_cache_gib: float = 1.0  # CPU: memory reserved for the KV cache
+    gpu_memory_utilization: float = 0.9  # GPU: share of the device vLLM may take (vLLM's own default)
     enforce_eager: bool = False  # True: start in ~30 s instead of compiling (~3 min once), ~40% slower
     tensor_parallel_size: int = 1
     max_num_seqs: int = 64
@@ -405,4 +406,7 @@ def _platform_args(options: VLLMOptions) -> dict[str, Any]:
         # inductor cache works: later starts warm up in ~25 s. Read by the spawned worker.
         os.environ.setdefault("VLLM_USE_AOT_COMPILE", "0")
         return {"kv_cache_memory_bytes": int(options.kv_cache_gib * 2**30)}
-    return {"compilation_config": {"splitting_ops": splitting_ops(), "cudagraph_mode": "PIECEWISE"}}
+    return {
+        "compilation_config": {"splitting_ops": splitting_ops(), "cudagraph_mode": "PIECEWISE"},
+        "gpu_memory_utilization": options.gpu_memory_utilization,
+    }
