@@ -58,10 +58,64 @@ def auroc(positive: np.ndarray, scores: np.ndarray) -> float:
     return round(float(roc_auc_score(positive, scores)), 4)
 
 
+# An emotion's own figures: its label's dev AUROC, plus its matched comparison where there is one.
+OWN_MATCHED = {emotion: f"{emotion} on {pos} vs {neg}" for pos, neg, emotion in MATCHED}
+TIE = 0.005  # objectives closer than this are a tie, won by the smaller weight (closer to the shared recipe)
+
+
+def per_emotion_weights(variants: list[dict], chosen: dict, today: dict) -> dict[str, dict]:
+    """Each story-checked emotion's transcript weight at the chosen layer and denoising: its own dev figures at
+    their best, its own story AUROC within 0.02 of today's recipe. A vector's scores depend on its own
+    direction only, so the emotions can be chosen one by one."""
+    same = [
+        v for v in variants if v["layer"] == chosen["layer"] and v["denoise_variance"] == chosen["denoise_variance"]
+    ]
+    out = {}
+    for emotion in KEY_STORY_EMOTIONS:
+
+        def own(v: dict, e: str = emotion) -> float:
+            return v["dev_auroc"][e] + (v["dev_matched"][OWN_MATCHED[e]] if e in OWN_MATCHED else 0.0)
+
+        allowed = [v for v in same if v["story_auroc"][emotion] >= today["story_auroc"][emotion] - 0.02]
+        top = max(own(v) for v in allowed)
+        pick = min((v for v in allowed if own(v) >= top - TIE), key=lambda v: v["transcript_weight"])
+        out[emotion] = {
+            "transcript_weight": pick["transcript_weight"],
+            "dev_auroc": pick["dev_auroc"][emotion],
+            "story_auroc": pick["story_auroc"][emotion],
+            "at_shared_weight": {
+                "dev_auroc": chosen["dev_auroc"][emotion],
+                "story_auroc": chosen["story_auroc"][emotion],
+            },
+        }
+    return out
+
+
+def add_per_emotion(path: Path) -> None:
+    """Adds the per-emotion choice to a study's results (no recomputation)."""
+    import json
+    import sys
+
+    study = json.loads(path.read_text())
+    study["per_emotion"] = per_emotion_weights(study["variants"], study["chosen"], study["todays_recipe"])
+    study["per_emotion_rule"] = (
+        "at the chosen layer and denoising, per story-checked emotion: the weight with the best own dev AUROC "
+        f"(+ its matched comparison), own story AUROC within 0.02 of today's recipe; ties within {TIE} to the "
+        "smaller weight"
+    )
+    study["per_emotion_command"] = " ".join([Path(sys.executable).name, *sys.argv])
+    path.write_text(json.dumps(study, indent=2) + "\n")
+    print(json.dumps(study["per_emotion"], indent=2))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, default=Path("bench/results/vector_recipe_study.json"))
+    parser.add_argument("--per-emotion-only", action="store_true", help="add the per-emotion choice to --out")
     args = parser.parse_args()
+    if args.per_emotion_only:
+        add_per_emotion(args.out)
+        return
     cache = model_source.cache_dir() / "activations"
     loaded = hf_model.load(model_source.resolve(None))
     emotions = corpus.available_emotions()
@@ -135,6 +189,7 @@ def main() -> None:
             "variants": variants,
         },
     )
+    add_per_emotion(args.out)
 
 
 if __name__ == "__main__":

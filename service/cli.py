@@ -216,6 +216,7 @@ def cmd_vectors_extract(args: argparse.Namespace) -> int:
         cache=None if args.no_cache else model_source.cache_dir() / "activations",
         transcripts=not args.no_transcripts,
         transcript_weight=args.transcript_weight,
+        **({} if args.transcript_weights is None else {"transcript_weights": args.transcript_weights}),
     )
     try:
         vectors = extract(loaded, config)
@@ -325,6 +326,17 @@ def cmd_vectors_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def _weights_arg(value: str) -> dict[str, float]:
+    weights = {}
+    for item in filter(None, (part.strip() for part in value.split(","))):
+        emotion, _, weight = item.partition("=")
+        try:
+            weights[emotion.strip()] = float(weight)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{item!r} is not emotion=weight") from None
+    return weights
+
+
 def _layer_arg(value: str) -> int | str:
     if value == "auto":
         return value
@@ -423,6 +435,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=0.5,
         help="weight of the assistant-turn direction against the story direction (default 0.5, from the study)",
+    )
+    extract.add_argument(
+        "--transcript-weights",
+        type=_weights_arg,
+        help="per-emotion weights over --transcript-weight, e.g. desperate=1,panicked=1 (the study's per-emotion "
+        "choice; default none)",
     )
     extract.set_defaults(func=cmd_vectors_extract)
     report = vectors.add_parser("report", help="validate a vector set and write an HTML report with figures")

@@ -99,3 +99,16 @@ def test_extraction_records_the_transcripts_it_used(extracted):
     extraction = extracted.manifest.extraction
     assert extraction["transcripts"] == ["afraid", "calm", "desperate", "panicked"]
     assert extraction["train_transcripts"] == 512 and extraction["transcript_weight"] == 0.5
+    assert extraction["transcript_weights"] == dict.fromkeys(["afraid", "calm", "desperate", "panicked"], 0.5)
+
+
+def test_per_emotion_transcript_weights_override_the_shared_one():
+    from limbic.vectors.extraction import combine
+
+    raw, dialogue = torch.randn(3, 8), {"a": torch.randn(8), "b": torch.randn(8)}
+    mixed = combine(raw, dialogue, ["a", "b", "c"], {"a": 1.0, "b": 0.5})
+    assert torch.allclose(mixed[0], combine(raw, dialogue, ["a", "b", "c"], 1.0)[0])
+    assert torch.allclose(mixed[1], combine(raw, dialogue, ["a", "b", "c"], 0.5)[1])
+    assert torch.equal(mixed[2], raw[2])
+    config = ExtractionConfig(transcript_weight=0.5, transcript_weights={"desperate": 1.0})
+    assert config.weight_of("desperate") == 1.0 and config.weight_of("calm") == 0.5

@@ -25,8 +25,8 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -59,6 +59,13 @@ class ExtractionConfig:
     # Chosen by bench/vector_recipe_study.py: the best development-transcript AUROC whose story AUROC stays
     # within 0.02 of the stories-only recipe (larger weights read transcripts better and stories worse).
     transcript_weight: float = 0.5
+    # Per emotion, over the shared weight. The study's "per_emotion" choice (each story-checked emotion's own
+    # best under the same story constraint) is desperate=1, panicked=1; opt-in until the bundled set is rebuilt
+    # with it and its report checked.
+    transcript_weights: Mapping[str, float] = field(default_factory=dict)
+
+    def weight_of(self, emotion: str) -> float:
+        return self.transcript_weights.get(emotion, self.transcript_weight)
 
 
 def class_means(activations: torch.Tensor, labels: torch.Tensor, n_classes: int) -> torch.Tensor:
@@ -95,14 +102,19 @@ def dialogue_directions(means: torch.Tensor, labels: Sequence[str], emotions: Se
 
 
 def combine(
-    raw: torch.Tensor, dialogue: dict[str, torch.Tensor], emotions: Sequence[str], weight: float
+    raw: torch.Tensor,
+    dialogue: dict[str, torch.Tensor],
+    emotions: Sequence[str],
+    weight: float | Mapping[str, float],
 ) -> torch.Tensor:
-    """Story directions [E, hidden] with each dialogue direction added as unit vectors, ``weight`` to one."""
+    """Story directions [E, hidden] with each dialogue direction added as unit vectors, ``weight`` to one (one
+    weight for all, or a weight per emotion)."""
     combined = raw.clone()
     for emotion, direction in dialogue.items():
         i = list(emotions).index(emotion)
         unit = torch.nn.functional.normalize
-        combined[i] = (unit(raw[i], dim=-1) + weight * unit(direction, dim=-1)) * raw[i].norm()
+        w = weight[emotion] if isinstance(weight, Mapping) else weight
+        combined[i] = (unit(raw[i], dim=-1) + w * unit(direction, dim=-1)) * raw[i].norm()
     return combined
 
 
@@ -201,8 +213,9 @@ def extract(loaded: LoadedModel, config: ExtractionConfig = ExtractionConfig()) 
     components = neutral_components(neutral, config.denoise_variance)
     removed = torch.cat([components, genre[layer : layer + 1]])
     at_layer = {e: d[layer] for e, d in dialogue.items()}
+    weights = {e: config.weight_of(e) for e in dialogue}
     directions = torch.nn.functional.normalize(
-        project_out(combine(raw[:, layer], at_layer, emotions, config.transcript_weight), removed), dim=-1
+        project_out(combine(raw[:, layer], at_layer, emotions, weights), removed), dim=-1
     )
 
     projections = neutral @ directions.T
@@ -234,6 +247,7 @@ def extract(loaded: LoadedModel, config: ExtractionConfig = ExtractionConfig()) 
             + "; neutral principal components and the story-vs-neutral genre direction projected out",
             "transcripts": sorted(dialogue),
             "transcript_weight": config.transcript_weight if dialogue else 0.0,
+            "transcript_weights": dict(sorted(weights.items())),
             "train_transcripts": n_transcripts,
             "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
             "skip_tokens": config.skip_tokens,
