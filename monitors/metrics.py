@@ -24,6 +24,15 @@ RECENT_HALF_LIFE_TOKENS = 256
 LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
 
+def _ceiling_table(bounds: np.ndarray) -> np.ndarray | None:
+    """For integer bounds: bucket index by ``ceil(score) - (bounds[0] - 1)``, scores clamped to one past
+    either end. A score whose ceiling is c lies above exactly the bounds below c, when all bounds are integers."""
+    if not np.all(bounds == np.round(bounds)):
+        return None
+    ceilings = np.arange(bounds[0] - 1, bounds[-1] + 2)
+    return np.searchsorted(bounds, ceilings, side="left")
+
+
 class ScoreHistograms(Collector):
     """``limbic_emotion_score``: per-token z-scores by emotion, phase and model.
 
@@ -34,6 +43,9 @@ class ScoreHistograms(Collector):
     def __init__(self, emotions: list[str]) -> None:
         self.emotions = emotions
         self._bounds = np.array(SCORE_BUCKETS)
+        self._width = len(self._bounds) + 1
+        self._offsets = np.arange(len(emotions)) * self._width  # emotion e's buckets in a flat [E * width] count
+        self._table = _ceiling_table(self._bounds)
         self._lock = threading.Lock()
         self._counts: dict[tuple[str, str], np.ndarray] = {}  # (model, phase) -> [E, buckets + 1]
         self._recent: dict[tuple[str, str], np.ndarray] = {}
@@ -42,21 +54,43 @@ class ScoreHistograms(Collector):
     def zero(self, model: str, phase: str) -> None:
         """Exports zero counts for (model, phase) until its first tokens (the moving average waits for them)."""
         with self._lock:
-            self._counts.setdefault((model, phase), np.zeros((len(self.emotions), len(self._bounds) + 1), np.int64))
+            self._counts.setdefault((model, phase), np.zeros((len(self.emotions), self._width), np.int64))
+
+    def buckets(self, z: np.ndarray) -> np.ndarray:
+        """Each score's bucket: the first bound at or above it (Prometheus's ``le``), past the last for NaN."""
+        if self._table is None or z.size < 512:  # a binary search is cheaper on a few rows
+            return np.searchsorted(self._bounds, z, side="left")
+        # Integer bounds: the bucket depends only on the score's ceiling, clamped to one past either end (fmin
+        # sends NaN to the top, where the search puts it).
+        low = float(self._bounds[0]) - 1
+        ceiling = np.fmin(np.ceil(z), float(self._bounds[-1]) + 1)
+        np.maximum(ceiling, low, out=ceiling)
+        ceiling -= low
+        return self._table[ceiling.astype(np.intp)]
 
     def observe(self, model: str, phase: str, z: np.ndarray) -> None:
+        """One step's rows at once: a bucket per score, every emotion's counts in one flat array."""
         if not len(z):
             return
-        bucket = np.searchsorted(self._bounds, z, side="left")  # first bound >= score: Prometheus's `le`
-        width = len(self._bounds) + 1
-        flat = bucket + np.arange(z.shape[1]) * width  # one bincount for every emotion at once
-        counts = np.bincount(flat.ravel(), minlength=width * z.shape[1]).reshape(z.shape[1], width)
+        bucket = self.buckets(z)
+        bucket += self._offsets
+        mean = np.add.reduce(z, 0) / len(z) if z.dtype == np.float32 else z.mean(axis=0)  # z.mean, faster
+        keep = self._decay ** len(z)  # one step of an exponential moving average per token, batched
         with self._lock:
             key = (model, phase)
-            self._counts[key] = self._counts.get(key, 0) + counts
-            keep = self._decay ** len(z)  # one step of an exponential moving average per token, batched
-            previous = self._recent.get(key, z.mean(axis=0))
-            self._recent[key] = keep * previous + (1 - keep) * z.mean(axis=0)
+            counts = self._counts.get(key)
+            if counts is None:
+                counts = self._counts[key] = np.zeros((len(self.emotions), self._width), np.int64)
+            flat = counts.reshape(-1)
+            if len(z) <= 8:
+                np.add.at(flat, bucket.ravel(), 1)
+            else:
+                flat += np.bincount(bucket.ravel(), minlength=len(flat))
+            # keep * previous + (1 - keep) * mean, in place (the same operations, so the same values)
+            new = (1 - keep) * mean
+            previous = self._recent.setdefault(key, mean)
+            previous *= keep
+            previous += new
 
     def collect(self) -> Iterator[Metric]:
         name = "limbic_emotion_score"
@@ -174,8 +208,9 @@ class Metrics:
         # Series from start-up, at zero: rate() and increase() cannot see the first event of a series born with it.
         for family in (self.sink_errors, self.push_errors, self.scoring_lag, self.reviews_queued, self.reviews_open):
             family.labels(model)
+        # Counted every step: each phase's child, looked up once.
+        self._token_counts = {phase: self.tokens.labels(phase, model) for phase in PHASES}
         for phase in PHASES:
-            self.tokens.labels(phase, model)
             self.scores.zero(model, phase)
 
     def track_spool(self, depth: Callable[[], float], dropped: Callable[[], float]) -> None:
@@ -195,4 +230,5 @@ class Metrics:
 
     def observe_tokens(self, phase: str, z: np.ndarray) -> None:
         self.scores.observe(self.model, phase, z)
-        self.tokens.labels(phase, self.model).inc(len(z))
+        counter = self._token_counts.get(phase)
+        (self.tokens.labels(phase, self.model) if counter is None else counter).inc(len(z))

@@ -62,7 +62,8 @@ def test_a_forward_pass_without_the_tap_stops_loudly():
         monitor._timed(replayed)(step)
 
 
-def test_positions_come_from_the_runners_host_state():
+def test_positions_come_from_the_runners_host_state(monkeypatch):
+    monkeypatch.setattr(plugin, "_VERIFY_POSITIONS", False)  # the suite's servers verify; this stand-in has none
     # Two requests: one decoding its 8th token (7 computed), one prefilling a chunk of 3 after 4 computed.
     runner = SimpleNamespace(
         input_batch=SimpleNamespace(num_reqs=2, req_ids=["a", "b"], num_computed_tokens_cpu=np.array([7, 4, 0])),

@@ -63,6 +63,7 @@ class Monitor:
             m.alerts.labels(emotion, trend.severity, "conversation", self.model)
         for verdict in VERDICTS:
             m.reviews_resolved.labels(verdict, self.model)
+        self.scoring_lag = m.scoring_lag.labels(self.model)  # observed every step: the child, looked up once
 
     def request(
         self,
@@ -163,16 +164,30 @@ class ScoreSummary:
         if not len(z):
             return
         self.count += len(z)
-        self.total = z.sum(0, dtype=np.float64) + (0 if self.total is None else self.total)
-        self.peak = z.max(0) if self.peak is None else np.maximum(self.peak, z.max(0))
+        total, peak = np.add.reduce(z, 0, dtype=np.float64), np.maximum.reduce(z, 0)  # z.sum, z.max: fewer calls
+        if self.total is None:
+            self.total, self.peak = total, peak
+        else:
+            self.total += total
+            self.peak = np.maximum(self.peak, peak)
 
     def as_dict(self, emotions: list[str]) -> dict[str, dict[str, float]]:
         if not self.count:
             return {}
-        mean = self.total / self.count
-        return {
-            e: {"mean": round(float(mean[i]), 4), "max": round(float(self.peak[i]), 4)} for i, e in enumerate(emotions)
-        }
+        mean = (self.total / self.count).tolist()
+        peak = self.peak.tolist()
+        return {e: {"mean": round(mean[i], 4), "max": round(peak[i], 4)} for i, e in enumerate(emotions)}
+
+
+def rounded(z: np.ndarray) -> list[list[float]]:
+    """``round(float(x), 4)`` of every score, as nested lists, without a Python call per score.
+
+    Scores are float32 (both engines): then x * 10**4 is exact in float64, so numpy's round (multiply, round
+    half to even, divide) gives exactly the double Python's correctly rounded ``round`` does.
+    """
+    if z.dtype in (np.float32, np.float16):
+        return np.round(z.astype(np.float64), 4).tolist()
+    return [[round(x, 4) for x in row] for row in z.tolist()]
 
 
 @dataclass
@@ -200,23 +215,26 @@ class RequestMonitor:
             self._tokens.setdefault("generation", []).extend(step.token_ids)
         if step.scores is None or not len(step.scores.z):
             return []
-        keep = scored(step.scores.norms, self.monitor.sink_norm)
-        crossings = sorted(
-            self._tracker.observe(step.scores.z, step.phase, step.score_start, keep), key=lambda c: c.position
-        )
-        aborts = [c.position for c in crossings if self.rules[c.emotion].action_for(c.severity) == "abort"]
-        if aborts and step.phase == "generation":  # the generation ends at the first abort: nothing after counts
-            crossings = [c for c in crossings if c.position <= aborts[0]]
-            keep = keep & (np.arange(len(keep)) + step.score_start <= aborts[0])
-        kept = step.scores.z[keep]
-        self._summaries.setdefault(step.phase, ScoreSummary()).add(kept)
+        scores = step.scores
+        keep = scored(scores.norms, self.monitor.sink_norm)
+        crossings = self._tracker.observe(scores.z, step.phase, step.score_start, keep)
+        if crossings:
+            crossings.sort(key=lambda c: c.position)
+            aborts = [c.position for c in crossings if self.rules[c.emotion].action_for(c.severity) == "abort"]
+            if aborts and step.phase == "generation":  # the generation ends at the first abort: nothing after counts
+                crossings = [c for c in crossings if c.position <= aborts[0]]
+                keep = keep & (np.arange(len(keep)) + step.score_start <= aborts[0])
+        kept = scores.z if keep.all() else scores.z[keep]
+        summary = self._summaries.get(step.phase)
+        if summary is None:
+            summary = self._summaries[step.phase] = ScoreSummary()
+        summary.add(kept)
         self.monitor.metrics.observe_tokens(step.phase, kept)
         events = [self._event(c) for c in crossings]
         for event in events:
             await self.monitor.dispatch(event)
-        self.alerts.extend(events)
-        lag = time.perf_counter() - step.scores.scored_at
-        self.monitor.metrics.scoring_lag.labels(self.monitor.model).observe(lag)
+        self.alerts += events
+        self.monitor.scoring_lag.observe(time.perf_counter() - scores.scored_at)
         return events
 
     def summary(self, phase: str) -> dict[str, dict[str, float]]:
@@ -232,17 +250,23 @@ class RequestMonitor:
         when ``token_text`` is given: it goes back to the client that sent the text, nowhere else."""
         if step.scores is None:
             return []
-        index = self.monitor.emotion_index
-        chosen = [e for e in (emotions or self.monitor.emotions) if e in index]
+        z = step.scores.z
+        if emotions:
+            index = self.monitor.emotion_index
+            chosen = [e for e in emotions if e in index]
+            z = z[:, [index[e] for e in chosen]]
+        else:  # all of them, in the vectors' order: the columns as they are
+            chosen = self.monitor.emotions
         tokens = self._tokens.get(step.phase, [])
+        keep = scored(step.scores.norms, self.monitor.sink_norm).tolist()
+        values = rounded(z)  # every score rounded at once, then one dict per token
         rows = []
-        keep = scored(step.scores.norms, self.monitor.sink_norm)
-        for offset, (z, kept) in enumerate(zip(step.scores.z, keep, strict=True)):
+        for offset, (row_values, kept) in enumerate(zip(values, keep, strict=True)):
             position = step.score_start + offset
             row = {
                 "phase": step.phase,
                 "index": position,
-                "scores": {e: round(float(z[index[e]]), 4) for e in chosen} if kept else None,
+                "scores": dict(zip(chosen, row_values, strict=True)) if kept else None,
             }
             if token_text is not None and position < len(tokens):
                 row["text"] = token_text(tokens[position])
