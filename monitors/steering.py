@@ -29,9 +29,10 @@ def steering_vector(vectors: EmotionVectors, strengths: Mapping[str, float], res
     unknown = sorted(set(strengths) - set(vectors.emotions))
     if unknown:
         raise ValueError(f"cannot steer with unknown emotions {unknown}")
-    total = torch.zeros(vectors.directions.shape[1])
+    directions = vectors.steering_directions  # the causal directions, where the set reads with a probe
+    total = torch.zeros(directions.shape[1])
     for emotion, strength in strengths.items():
-        total += strength * residual_norm * vectors.directions[vectors.emotions.index(emotion)].float()
+        total += strength * residual_norm * directions[vectors.emotions.index(emotion)].float()
     return total
 
 

@@ -217,6 +217,9 @@ def cmd_vectors_extract(args: argparse.Namespace) -> int:
         transcripts=not args.no_transcripts,
         transcript_weight=args.transcript_weight,
         **({} if args.transcript_weights is None else {"transcript_weights": args.transcript_weights}),
+        readout=args.readout,
+        **({} if args.probe_c is None else {"probe_c": args.probe_c}),
+        **({} if args.probe_story_share is None else {"probe_story_share": args.probe_story_share}),
     )
     try:
         vectors = extract(loaded, config)
@@ -337,6 +340,20 @@ def _weights_arg(value: str) -> dict[str, float]:
     return weights
 
 
+def _positive_float(value: str) -> float:
+    number = float(value)
+    if not number > 0:
+        raise argparse.ArgumentTypeError(f"must be above 0, not {value}")
+    return number
+
+
+def _share(value: str) -> float:
+    number = float(value)
+    if not 0 < number < 1:
+        raise argparse.ArgumentTypeError(f"must lie between 0 and 1, not {value}")
+    return number
+
+
 def _layer_arg(value: str) -> int | str:
     if value == "auto":
         return value
@@ -439,8 +456,25 @@ def build_parser() -> argparse.ArgumentParser:
     extract.add_argument(
         "--transcript-weights",
         type=_weights_arg,
-        help="per-emotion weights over --transcript-weight, e.g. desperate=1,panicked=1 (the study's per-emotion "
-        "choice; default none)",
+        help="per-emotion weights over --transcript-weight, e.g. desperate=1,panicked=1 (default none)",
+    )
+    extract.add_argument(
+        "--readout",
+        choices=["probe", "mean"],
+        default="probe",
+        help="probe (default): read the emotions the transcripts have with a probe trained on stories and "
+        "transcripts, steer with the difference of means; mean: read along the steering directions",
+    )
+    extract.add_argument(
+        "--probe-c",
+        type=_positive_float,
+        help="inverse regularisation strength of the readout probes (default: the study's choice)",
+    )
+    extract.add_argument(
+        "--probe-story-share",
+        type=_share,
+        help="the stories' share of the probes' training weight, the transcripts have the rest (default: the "
+        "study's choice)",
     )
     extract.set_defaults(func=cmd_vectors_extract)
     report = vectors.add_parser("report", help="validate a vector set and write an HTML report with figures")

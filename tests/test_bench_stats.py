@@ -16,7 +16,9 @@ import gpu_check
 import vllm_serving as vs
 
 
-def run(block: int, arm: str, tps: float, ttft: float = 0.1, itl: float = 0.01, errors: int = 0) -> dict:
+def run(
+    block: int, arm: str, tps: float, ttft: float = 0.1, itl: float = 0.01, errors: int = 0, first: float | None = None
+) -> dict:
     return {
         "block": block,
         "arm": arm,
@@ -25,6 +27,7 @@ def run(block: int, arm: str, tps: float, ttft: float = 0.1, itl: float = 0.01, 
         "ttft_p99_seconds": ttft * 2,
         "itl_p50_seconds": itl,
         "itl_p99_seconds": itl * 3,
+        "first_itl_p50_seconds": itl if first is None else first,
         "wall_seconds": 1.0,
         "completion_tokens": 64,
         "errors": errors,
@@ -118,12 +121,26 @@ def test_ttft_added_and_decode_step_in_milliseconds():
     assert ttft_target["limit"] == pytest.approx(23.0) and not ttft_target["pass"]
 
 
+def test_ttft_target_is_the_step_after_the_first_token_and_the_median_step_is_kept():
+    runs = [
+        run(0, "vllm", 100, ttft=0.100, itl=0.020, first=0.060),
+        run(0, "limbic", 99, ttft=0.150),
+        run(0, "limbic", 99, ttft=0.150),
+        run(0, "vllm", 100, ttft=0.100, itl=0.020, first=0.060),
+    ]
+    level = vs.summarise_level(32, runs)
+    assert level["first_step_ms"] == pytest.approx(60.0) and level["decode_step_ms"] == pytest.approx(20.0)
+    ttft_target = next(t for t in vs.check_targets([level]) if "TTFT" in t["target"])
+    assert ttft_target["value"] == pytest.approx(50.0) and ttft_target["limit"] == pytest.approx(60.0)
+    assert ttft_target["pass"] and not ttft_target["within_median_decode_step"]
+
+
 def test_ratio_target_applies_at_8_and_32_only_and_a_block_missing_an_arm_is_left_out():
     runs = [run(0, "vllm", 100), run(0, "limbic", 90), run(0, "limbic", 90), run(0, "vllm", 100)]
     runs += [run(1, "vllm", 100)]  # a block cut short (the deadline): no limbic run, no ratio
     level = vs.summarise_level(1, runs)
     assert level["limbic_over_vllm_tokens_per_second"]["n"] == 1
-    assert [t["target"] for t in vs.check_targets([level])] == ["TTFT p50 added <= one decode step (vLLM's ITL p50)"]
+    assert [t["target"] for t in vs.check_targets([level])] == [vs.TTFT_TARGET]
     level8 = vs.summarise_level(8, runs)
     assert not next(t for t in vs.check_targets([level8]) if "tokens/s" in t["target"])["pass"]
 
@@ -136,6 +153,7 @@ def test_run_figures_count_tokens_errors_and_short_requests():
         vs.RequestResult(error="APIConnectionError: refused"),
     ]
     figures = vs.run_figures(results, wall=2.0, concurrency=2, max_tokens=3)
+    assert figures["first_itl_p50_seconds"] == 0.03  # the first gaps: 0.01, 0.03, 0.05
     assert figures["completion_tokens"] == 8
     assert figures["tokens_per_second"] == 4.0
     assert figures["errors"] == 1 and figures["short_requests"] == 1

@@ -12,6 +12,7 @@ from limbic.vectors.extraction import (
     choose_layer,
     extract,
     neutral_components,
+    probe_direction,
     project_out,
 )
 from tiny import loaded, tiny_llama
@@ -100,6 +101,63 @@ def test_extraction_records_the_transcripts_it_used(extracted):
     assert extraction["transcripts"] == ["afraid", "calm", "desperate", "panicked"]
     assert extraction["train_transcripts"] == 512 and extraction["transcript_weight"] == 0.5
     assert extraction["transcript_weights"] == dict.fromkeys(["afraid", "calm", "desperate", "panicked"], 0.5)
+
+
+def test_transcript_emotions_are_read_by_probes_and_steered_by_the_means(tiny, extracted):
+    assert extracted.manifest.extraction["readout_probes"] == ["afraid", "calm", "desperate", "panicked"]
+    assert extracted.manifest.extraction["probe_story_share"] == 0.8
+    assert extracted.steering is not None and extracted.steering.shape == extracted.directions.shape
+    norms = extracted.steering.norm(dim=-1)
+    assert torch.allclose(norms, torch.ones_like(norms), atol=1e-5)
+    # The readout differs from the steering direction, and with --readout mean the two are one.
+    assert not torch.allclose(extracted.directions, extracted.steering)
+    config = ExtractionConfig(
+        emotions=EMOTIONS, stories_per_emotion=3, neutral_dialogues=12, progress=False, readout="mean"
+    )
+    means = extract(tiny, config)
+    assert means.steering is None and means.manifest.extraction["readout_probes"] == []
+    assert torch.allclose(means.directions, extracted.steering, atol=1e-5)
+
+
+def test_probe_finds_the_planted_direction_and_ignores_the_corpus_offset():
+    generator = torch.Generator().manual_seed(0)
+    hidden, planted, offset = 24, torch.zeros(24), torch.zeros(24)
+    planted[3], offset[7] = 1.0, 1.0
+
+    def corpus_rows(n: int, shift: float) -> tuple[torch.Tensor, torch.Tensor]:
+        positive = torch.arange(n) % 4 == 0
+        rows = torch.randn(n, hidden, generator=generator) * 0.5 + positive[:, None] * planted * 2 + shift * offset
+        return rows, positive
+
+    stories, story_positive = corpus_rows(400, 0.0)
+    transcripts, transcript_positive = corpus_rows(80, 5.0)  # another genre: far along `offset`
+    removed = torch.zeros(1, hidden)
+    removed[0, 11] = 1.0
+    direction = probe_direction(stories, story_positive, transcripts, transcript_positive, removed, c=1.0)
+    assert abs(float(direction.norm()) - 1) < 1e-5 and abs(float(direction[11])) < 1e-6
+    assert float(direction @ planted) > 0.9 and abs(float(direction @ offset)) < 0.2
+
+
+def test_probe_needs_both_classes_in_both_corpora_and_a_share_between_0_and_1():
+    rows, some = torch.randn(8, 4), torch.arange(8) < 2
+    with pytest.raises(ValueError, match="positives and negatives"):
+        probe_direction(rows, torch.zeros(8, dtype=torch.bool), rows, some, torch.zeros(1, 4))
+    with pytest.raises(ValueError, match=r"between 0 and 1, not 1\.0"):
+        probe_direction(rows, some, rows, some, torch.zeros(1, 4), story_share=1.0)
+
+
+def test_the_story_share_decides_which_corpus_the_probe_follows():
+    """Stories mark the label along one axis, transcripts along another: the share tilts the probe."""
+    generator = torch.Generator().manual_seed(1)
+    positive = torch.arange(200) % 2 == 0
+    stories = torch.randn(200, 6, generator=generator) * 0.3
+    stories[:, 0] += positive * 1.0
+    transcripts = torch.randn(200, 6, generator=generator) * 0.3
+    transcripts[:, 1] += positive * 1.0
+    removed = torch.zeros(1, 6)
+    removed[0, 5] = 1.0
+    lean = [probe_direction(stories, positive, transcripts, positive, removed, 1.0, share) for share in (0.2, 0.8)]
+    assert lean[0][1] > lean[0][0] and lean[1][0] > lean[1][1]
 
 
 def test_per_emotion_transcript_weights_override_the_shared_one():

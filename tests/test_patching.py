@@ -59,7 +59,8 @@ def test_patch_reports_both_runs_and_changes_only_with_a_real_patch(tiny):
 
 @pytest.mark.slow
 def test_a_desperate_state_patched_into_a_neutral_prompt_raises_desperate_downstream(default_model_path):
-    """Patching at layer 12 (the monitored layer is 20): the emotion travels forward through 8 layers."""
+    """Patching at layer 12 (the monitored layer is 20): the state travels forward through 8 layers, and the
+    target reads more desperate and less calm."""
     source = corpus.load_stories("desperate", "heldout")[0].text
     result = subprocess.run(
         [
@@ -84,5 +85,7 @@ def test_a_desperate_state_patched_into_a_neutral_prompt_raises_desperate_downst
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["monitored_layer"] == 20 and report["patch_layer"] == 12
-    assert report["last_token_shift"]["desperate"] > 1.0
-    assert next(iter(report["last_token_shift"])) == "desperate"  # the largest shift of the four
+    # Measured with the bundled probe readouts: desperate +0.61, calm -0.48 (panicked, a neighbouring state,
+    # rises too: +0.99). Before the probes, read along the steering directions, desperate rose by 2.7.
+    shift = report["last_token_shift"]
+    assert shift["desperate"] > 0.4 and shift["calm"] < 0

@@ -17,6 +17,38 @@ def test_round_trip(tmp_path):
     assert torch.equal(back.directions, vectors.directions)
 
 
+def test_steering_directions_round_trip_and_default_to_the_readout(tmp_path):
+    vectors = random_vectors(IDENTITY, 2, ["desperate", "calm"])
+    assert vectors.steering_directions is vectors.directions
+    steering = torch.nn.functional.normalize(torch.randn(2, 16), dim=-1)
+    with_steering = storage.EmotionVectors(vectors.manifest, vectors.directions, steering)
+    with_steering.save(tmp_path / "set")
+    back = storage.load(tmp_path / "set")
+    assert torch.equal(back.directions, vectors.directions) and torch.equal(back.steering_directions, steering)
+
+
+def test_steering_of_the_wrong_shape_is_refused(tmp_path):
+    from safetensors.torch import save_file
+
+    vectors = random_vectors(IDENTITY, 2, ["desperate", "calm"])
+    vectors.save(tmp_path / "set")
+    save_file(
+        {"directions": vectors.directions, "steering": torch.zeros(3, 16)}, str(tmp_path / "set" / storage.TENSORS)
+    )
+    with pytest.raises(VectorFileError, match=r"steering has shape \(3, 16\), manifest says \(2, 16\)"):
+        storage.load(tmp_path / "set")
+
+
+def test_steering_adds_the_steering_directions_not_the_readout():
+    from limbic.monitors.steering import steering_vector
+
+    vectors = random_vectors(IDENTITY, 2, ["desperate", "calm"])
+    steering = torch.nn.functional.normalize(torch.randn(2, 16), dim=-1)
+    split = storage.EmotionVectors(vectors.manifest, vectors.directions, steering)
+    assert torch.allclose(steering_vector(split, {"calm": 0.5}, 10.0), 5.0 * steering[1])
+    assert torch.allclose(steering_vector(vectors, {"calm": 0.5}, 10.0), 5.0 * vectors.directions[1].float())
+
+
 def test_failed_save_keeps_the_previous_set_whole(tmp_path, monkeypatch):
     good = random_vectors(IDENTITY, 2, ["desperate", "calm"])
     good.save(tmp_path / "set")

@@ -15,6 +15,16 @@ with weight ``transcript_weight``. Stories teach an emotion as narrated; transcr
 shows it, in the same situations as the other labels (matched scenarios), which is what lets calm read the
 assistant's composure rather than the pressure of the situation.
 
+Readout probes (our addition, chosen by bench/vector_recipe_study.py): a difference of means added to a
+dialogue direction still reads an assistant's *situation* as much as its emotion (a steady assistant under a
+deadline scored lower on calm than a desperate one), and a neutral assistant as calm as a calm one. Where the
+transcripts have an emotion, the vector the monitor reads with is instead a logistic-regression probe, that
+emotion against all others, trained on the train stories and the train transcripts' assistant turns together
+(each corpus centred on its own mean so the probe cannot learn story-versus-chat; each corpus and each class
+weighted equally), in the same denoised space. Steering keeps the difference of means (saved as the set's
+``steering`` directions): the research steers with it, and a probe also weighs directions that merely
+correlate with the label.
+
 The genre direction is our addition to the paper's recipe. On a small model, stories and assistant chat
 differ along directions that every emotion vector partly contains, so without it a plain chat message can
 outscore a desperate story on `desperate` (held-out AUROC of desperate stories against neutral text was 0.6
@@ -30,6 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 import torch
 from limbic.monitors.hf.model import LoadedModel, chat_ids
 from limbic.monitors.layers import default_layer
@@ -39,6 +50,11 @@ from limbic.vectors.storage import SINK_NORM_RATIO, Calibration, EmotionVectors,
 from limbic.vectors.transcripts import assistant_means
 
 log = logging.getLogger(__name__)
+
+# The readout probes' inverse L2 strength and the stories' share of their training weight (the transcripts have
+# the rest), chosen on development transcripts by bench/vector_recipe_study.py.
+PROBE_C = 0.003
+PROBE_STORY_SHARE = 0.8
 
 # Per-token false-positive rates on held-out neutral chat that set the recorded alert thresholds.
 WARNING_FPR, CRITICAL_FPR = 0.01, 0.001
@@ -59,10 +75,15 @@ class ExtractionConfig:
     # Chosen by bench/vector_recipe_study.py: the best development-transcript AUROC whose story AUROC stays
     # within 0.02 of the stories-only recipe (larger weights read transcripts better and stories worse).
     transcript_weight: float = 0.5
-    # Per emotion, over the shared weight. The study's "per_emotion" choice (each story-checked emotion's own
-    # best under the same story constraint) is desperate=1, panicked=1; opt-in until the bundled set is rebuilt
-    # with it and its report checked.
+    # Per emotion, over the shared weight. The study's "per_emotion" choice (desperate=1, panicked=1) was made
+    # for reading along these directions; with probe readouts they only steer, and steering keeps the shared
+    # weight the mitigation benchmark measured.
     transcript_weights: Mapping[str, float] = field(default_factory=dict)
+    # "probe": emotions with transcripts are read by a probe (see above); "mean": read along the steering
+    # directions, as the paper does.
+    readout: Literal["probe", "mean"] = "probe"
+    probe_c: float = PROBE_C
+    probe_story_share: float = PROBE_STORY_SHARE
 
     def weight_of(self, emotion: str) -> float:
         return self.transcript_weights.get(emotion, self.transcript_weight)
@@ -116,6 +137,42 @@ def combine(
         w = weight[emotion] if isinstance(weight, Mapping) else weight
         combined[i] = (unit(raw[i], dim=-1) + w * unit(direction, dim=-1)) * raw[i].norm()
     return combined
+
+
+def probe_direction(
+    stories: torch.Tensor,
+    story_positive: torch.Tensor,
+    transcripts: torch.Tensor,
+    transcript_positive: torch.Tensor,
+    removed: torch.Tensor,
+    c: float = PROBE_C,
+    story_share: float = PROBE_STORY_SHARE,
+) -> torch.Tensor:
+    """A unit readout direction [hidden]: logistic regression, positives against the rest, on story means and
+    transcript means [N, hidden] together, after removing ``removed`` [k, hidden]. Each corpus is centred on
+    its own mean; the stories carry ``story_share`` of the total weight, the transcripts the rest, and within
+    each corpus the two classes carry equal weight."""
+    from sklearn.linear_model import LogisticRegression
+
+    parts = [project_out(rows, removed) for rows in (stories, transcripts)]
+    parts = [rows - rows.mean(0) for rows in parts]
+    x = torch.cat(parts)
+    x = (x / x.std()).numpy()
+    positives = [mask.numpy().astype(bool) for mask in (story_positive, transcript_positive)]
+    if not all(0 < p.sum() < len(p) for p in positives):
+        raise ValueError("a probe needs positives and negatives among both the stories and the transcripts")
+    if not 0 < story_share < 1:
+        raise ValueError(f"the stories' share of a probe's weight must lie between 0 and 1, not {story_share}")
+    weights = np.concatenate(
+        [
+            np.where(p, share / 2 / p.sum(), share / 2 / (~p).sum())
+            for p, share in zip(positives, (story_share, 1 - story_share), strict=True)
+        ]
+    )
+    classifier = LogisticRegression(C=c, max_iter=5000)
+    classifier.fit(x, np.concatenate(positives), sample_weight=weights * len(weights))
+    direction = torch.tensor(classifier.coef_[0], dtype=torch.float32)
+    return torch.nn.functional.normalize(project_out(direction[None], removed)[0], dim=0)
 
 
 def heldout_top1(train: torch.Tensor, heldout: torch.Tensor, labels: torch.Tensor, directions: torch.Tensor) -> float:
@@ -191,10 +248,9 @@ def extract(loaded: LoadedModel, config: ExtractionConfig = ExtractionConfig()) 
     means = class_means(train, train_labels, len(emotions))  # [E, L, H]
     raw = means - means.mean(0, keepdim=True)
     dialogue: dict[str, torch.Tensor] = {}
-    n_transcripts = 0
+    transcripts: list[corpus.Transcript] = []
     if config.transcripts:
         transcripts = corpus.load_transcripts("train")
-        n_transcripts = len(transcripts)
         activations = assistant_means(loaded, transcripts, all_layers, config.cache)  # [N, L, H]
         dialogue = dialogue_directions(activations, [t.label for t in transcripts], emotions)
     sweep = [
@@ -214,9 +270,22 @@ def extract(loaded: LoadedModel, config: ExtractionConfig = ExtractionConfig()) 
     removed = torch.cat([components, genre[layer : layer + 1]])
     at_layer = {e: d[layer] for e, d in dialogue.items()}
     weights = {e: config.weight_of(e) for e in dialogue}
-    directions = torch.nn.functional.normalize(
+    steering = torch.nn.functional.normalize(
         project_out(combine(raw[:, layer], at_layer, emotions, weights), removed), dim=-1
     )
+    directions = steering.clone()
+    probed = sorted(dialogue) if config.readout == "probe" else []
+    for emotion in probed:
+        i = emotions.index(emotion)
+        directions[i] = probe_direction(
+            train[:, layer],
+            train_labels == i,
+            activations[:, layer],
+            torch.tensor([t.label == emotion for t in transcripts]),
+            removed,
+            config.probe_c,
+            config.probe_story_share,
+        )
 
     projections = neutral @ directions.T
     calibration = Calibration(
@@ -244,11 +313,20 @@ def extract(loaded: LoadedModel, config: ExtractionConfig = ExtractionConfig()) 
                 if dialogue
                 else ""
             )
-            + "; neutral principal components and the story-vs-neutral genre direction projected out",
+            + "; neutral principal components and the story-vs-neutral genre direction projected out"
+            + (
+                "; read by logistic-regression probes on stories and transcripts where the corpus has the emotion, "
+                "steered along the differences of means"
+                if probed
+                else ""
+            ),
             "transcripts": sorted(dialogue),
             "transcript_weight": config.transcript_weight if dialogue else 0.0,
             "transcript_weights": dict(sorted(weights.items())),
-            "train_transcripts": n_transcripts,
+            "train_transcripts": len(transcripts),
+            "readout_probes": probed,
+            "probe_c": config.probe_c if probed else None,
+            "probe_story_share": config.probe_story_share if probed else None,
             "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
             "skip_tokens": config.skip_tokens,
             "denoise_variance": config.denoise_variance,
@@ -264,4 +342,4 @@ def extract(loaded: LoadedModel, config: ExtractionConfig = ExtractionConfig()) 
             },
         },
     )
-    return EmotionVectors(manifest, directions.contiguous())
+    return EmotionVectors(manifest, directions.contiguous(), steering.contiguous() if probed else None)

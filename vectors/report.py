@@ -313,6 +313,34 @@ def _study_section() -> list[str]:
         f"every variant is in <code>bench/results/vector_recipe_study.json</code> "
         f"(<code>{html.escape(study['command'])}</code>).</p>",
         _table(rows, header),
+        *_probe_rows(study),
+    ]
+
+
+def _probe_rows(study: dict) -> list[str]:
+    """The study's readout-probe variants, where it has them (``--probes``)."""
+    if "probe_variants" not in study:
+        return []
+    chosen = study["probe_chosen"]
+    rows = [
+        [
+            v["probe_c"],
+            v["probe_story_share"],
+            v["dev_objective"],
+            *[v["dev_auroc"][e] for e in ("desperate", "panicked", "calm", "afraid")],
+            v["dev_matched"]["calm on calm vs desperate"],
+            *[v["story_auroc"][e] for e in ("desperate", "panicked", "calm", "afraid")],
+            "chosen" if v == chosen else "",
+        ]
+        for v in study["probe_variants"]
+    ]
+    header = ["probe C", "story share", "objective", "desperate", "panicked", "calm", "afraid", "calm vs desperate"]
+    header += ["story desperate", "story panicked", "story calm", "story afraid", ""]
+    return [
+        "<p>Readout probes (the emotions the transcripts have read by a logistic regression on stories and fit "
+        f"transcripts; steering keeps the difference of means): {html.escape(study['probe_rule'])} "
+        f"(<code>{html.escape(study['probe_command'])}</code>).</p>",
+        _table(rows, header),
     ]
 
 

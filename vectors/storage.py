@@ -3,6 +3,12 @@
 A vector set is a folder holding ``vectors.safetensors`` (tensor ``directions``, one unit-norm row per
 emotion, float32) and ``manifest.json`` (model identity, layer, emotion names, calibration). The manifest
 is what the service checks at start-up against the model it loaded.
+
+``directions`` are what the monitor *reads* with. A set may also hold ``steering`` (same shape): the
+directions steering *adds*, where they differ. Extraction reads some emotions with a trained probe, which
+separates them best, but steers with the difference of means, the direction the research found causal (a
+probe also picks up directions that merely correlate with the label). Without ``steering``, a set steers
+along its readout directions.
 """
 
 from __future__ import annotations
@@ -94,11 +100,16 @@ class Manifest:
 @dataclass(frozen=True)
 class EmotionVectors:
     manifest: Manifest
-    directions: torch.Tensor  # [n_emotions, hidden_size], unit-norm rows
+    directions: torch.Tensor  # [n_emotions, hidden_size], unit-norm rows: the readout
+    steering: torch.Tensor | None = None  # same shape: what steering adds, where it is not the readout
 
     @property
     def emotions(self) -> list[str]:
         return self.manifest.emotions
+
+    @property
+    def steering_directions(self) -> torch.Tensor:
+        return self.directions if self.steering is None else self.steering
 
     def save(self, folder: Path) -> None:
         """Writes the set into ``folder``, replacing any previous set there only once complete."""
@@ -106,7 +117,10 @@ class EmotionVectors:
         folder.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
         try:
-            save_file({"directions": self.directions.float().contiguous()}, str(staging / TENSORS))
+            tensors = {"directions": self.directions.float().contiguous()}
+            if self.steering is not None:
+                tensors["steering"] = self.steering.float().contiguous()
+            save_file(tensors, str(staging / TENSORS))
             (staging / MANIFEST).write_text(json.dumps(asdict(self.manifest), indent=2) + "\n")
             # mkdtemp makes a private folder; a vector set is read by other users (the container's `nobody`).
             staging.chmod(0o755)
@@ -129,7 +143,8 @@ def load(folder: Path) -> EmotionVectors:
     folder = Path(folder)
     try:
         manifest = Manifest.from_json(json.loads((folder / MANIFEST).read_text()))
-        directions = load_file(str(folder / TENSORS))["directions"]
+        tensors = load_file(str(folder / TENSORS))
+        directions = tensors["directions"]
     except FileNotFoundError as exc:
         raise VectorFileError(f"{folder} is not a vector set (missing {Path(exc.filename).name})") from exc
     except (KeyError, TypeError, json.JSONDecodeError) as exc:
@@ -140,7 +155,10 @@ def load(folder: Path) -> EmotionVectors:
     expected = (len(manifest.emotions), manifest.model.hidden_size)
     if tuple(directions.shape) != expected:
         raise VectorFileError(f"{folder}: directions have shape {tuple(directions.shape)}, manifest says {expected}")
-    return EmotionVectors(manifest, directions)
+    steering = tensors.get("steering")
+    if steering is not None and tuple(steering.shape) != expected:
+        raise VectorFileError(f"{folder}: steering has shape {tuple(steering.shape)}, manifest says {expected}")
+    return EmotionVectors(manifest, directions, steering)
 
 
 def bundled_folder(model_name: str) -> Path:

@@ -185,12 +185,13 @@ def geometry(vectors: EmotionVectors) -> Geometry:
 
 
 def logit_lens(loaded: LoadedModel, vectors: EmotionVectors, k: int = 8) -> dict[str, list[str]]:
-    """The tokens each vector most promotes when read straight through the final norm and unembedding."""
+    """The tokens each vector most promotes when read straight through the final norm and unembedding (its
+    steering direction: the question is what adding it does)."""
     model = loaded.model
     unembed = model.get_output_embeddings().weight.float()  # [vocab, H]
     norm = getattr(model.base_model, "norm", None) or getattr(model.base_model, "ln_f", None)
     scale = norm.weight.float() if norm is not None and getattr(norm, "weight", None) is not None else 1.0
-    logits = (vectors.directions.float() * scale) @ unembed.T  # [E, vocab]
+    logits = (vectors.steering_directions.float() * scale) @ unembed.T  # [E, vocab]
     top = logits.topk(k, dim=-1).indices.tolist()
     return {
         emotion: [loaded.tokenizer.decode([t]).strip() or repr(loaded.tokenizer.decode([t])) for t in row]
