@@ -49,7 +49,7 @@ from typing import Any
 import httpx
 import numpy as np
 import record
-from vllm_serving import server
+from vllm_serving import Server
 
 ROOT = Path(__file__).resolve().parents[1]
 NAME = "SmolLM2-135M-Instruct"
@@ -331,10 +331,15 @@ def parse_strengths(text: str) -> tuple[float, float]:
 def limbic_server(args: argparse.Namespace) -> Iterator[str]:
     port = args.port
     command = [str(ROOT / ".venv/bin/limbic"), "serve", "--port", str(port)]
-    log = Path(tempfile.mkdtemp(prefix="limbic-mitigation-")) / "limbic.log"
-    print(f"starting limbic (log {log}) ...", file=sys.stderr)
-    with server(command, port, {}, log):
-        yield f"http://127.0.0.1:{port}"
+    logs = Path(tempfile.mkdtemp(prefix="limbic-mitigation-"))
+    print(f"starting limbic (log {logs / 'limbic.log'}) ...", file=sys.stderr)
+    # The environment passes through (LIMBIC_VLLM_MAX_NUM_BATCHED_TOKENS and the like), as documented above.
+    limbic = Server("limbic", command, dict(os.environ), port, "/v1/models", logs).start()
+    try:
+        limbic.wait_ready(900)
+        yield limbic.url
+    finally:
+        limbic.stop()
 
 
 def run(args: argparse.Namespace, url: str, prompts: list[dict], arms: list[tuple[float, float]]) -> dict[str, Any]:

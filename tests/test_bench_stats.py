@@ -3,6 +3,7 @@ bench/gpu_check.py, on made-up numbers: no server, no model."""
 
 from __future__ import annotations
 
+import importlib
 import math
 import sys
 from pathlib import Path
@@ -185,3 +186,11 @@ def test_first_divergence_counts_a_length_difference():
     assert gpu_check.first_divergence(["a", "b"], ["a", "b"]) is None
     assert gpu_check.first_divergence(["a", "b"], ["a"]) == 1
     assert gpu_check.first_divergence(["a", "b"], ["c", "b"]) == 0
+
+
+@pytest.mark.parametrize(
+    "module", ["api_overhead", "detokenise", "gpu_check", "mitigation", "scoring_overhead", "vector_recipe_study"]
+)
+def test_every_benchmark_script_imports(module):
+    """A benchmark runs rarely, so an import it lost (a helper renamed elsewhere) would go unseen until then."""
+    importlib.import_module(module)
