@@ -72,3 +72,113 @@ def test_positions_come_from_the_runners_host_state(monkeypatch):
     layout = plugin._BatchLayout.read(runner)
     assert layout.req_ids == ["a", "b"] and layout.starts.tolist() == [0, 1, 4]
     assert layout.positions.tolist() == [7, 4, 5, 6]
+
+
+def _fake_engine(outputs, scores):
+    """A VLLMEngine without vLLM: ``generate``'s own logic over a scripted output stream and score buffer."""
+    import contextlib
+    from types import SimpleNamespace
+
+    from limbic.monitors.vllm.engine import VLLMEngine
+
+    engine = object.__new__(VLLMEngine)
+    engine.options = SimpleNamespace(score_timeout=5.0)
+    engine.decode = lambda ids: "".join(chr(ord("a") + i % 26) for i in ids)
+    engine._eos = [0]
+    engine._prompt_cache = None
+
+    @contextlib.asynccontextmanager
+    async def request(prompt_ids, params, max_tokens, reads):
+        try:
+            yield scores, outputs
+        finally:
+            await outputs.aclose()
+
+    engine._request = request
+    return engine
+
+
+def _output(token, finished=False):
+    from types import SimpleNamespace
+
+    sample = SimpleNamespace(token_ids=[token], logprobs=None, finish_reason="length" if finished else None)
+    return SimpleNamespace(outputs=[sample], finished=finished, num_cached_tokens=0)
+
+
+def test_a_token_is_released_once_scored_without_waiting_for_the_next_output():
+    """Token k is scored in the step that samples k+1; its score usually arrives before that step's output,
+    and the token leaves then (TTFT and per-token latency), not with the next output."""
+    import asyncio
+
+    import numpy as np
+    from limbic.monitors.engine import SamplingParams
+    from limbic.monitors.vllm.scores import RequestScores
+
+    async def scenario():
+        scores = RequestScores(capacity=8, width=2)
+        second = asyncio.Event()
+        closed = []
+
+        async def outputs():
+            try:
+                yield _output(3)
+                await second.wait()
+                yield _output(4)
+                yield _output(5, finished=True)
+            finally:
+                closed.append(True)
+
+        def score(*positions):
+            at = np.array(positions, dtype=np.int64)
+            scores.write(at, np.full((len(at), 2), float(positions[0]), np.float32), np.ones(len(at), np.float32))
+
+        score(0, 1)  # the prompt, scored in the prefill that sampled the first token
+        steps = _fake_engine(outputs(), scores).generate([7, 8], SamplingParams(max_tokens=3))
+        prompt = await asyncio.wait_for(anext(steps), 2)
+        assert prompt.phase == "prompt" and len(prompt.scores.z) == 2
+        released = asyncio.ensure_future(anext(steps))
+        await asyncio.sleep(0.05)
+        assert not released.done()  # not scored yet: the first token waits
+        score(2)  # the step after the prefill scores the first token, before its own output arrives
+        first = await asyncio.wait_for(released, 2)
+        assert first.token_ids == [3] and first.score_start == 0 and float(first.scores.z[0, 0]) == 2.0
+        assert not second.is_set()
+        second.set()
+        score(3)
+        score(4)
+        rest = [step async for step in steps]
+        assert [s.token_ids for s in rest] == [[4], [5]] and rest[-1].finish_reason == "length"
+        assert closed == [True]
+
+    asyncio.run(scenario())
+
+
+def test_a_consumer_leaving_while_the_next_output_is_awaited_cancels_it():
+    import asyncio
+
+    import numpy as np
+    from limbic.monitors.engine import SamplingParams
+    from limbic.monitors.vllm.scores import RequestScores
+
+    async def scenario():
+        scores = RequestScores(capacity=8, width=2)
+        cancelled = []
+
+        async def outputs():
+            yield _output(3)
+            try:
+                await asyncio.sleep(60)  # vLLM still computing the next step
+            except asyncio.CancelledError:
+                cancelled.append(True)  # vLLM's generate aborts the request here
+                raise
+            yield _output(4)
+
+        scores.write(np.array([0, 1, 2]), np.zeros((3, 2), np.float32), np.ones(3, np.float32))
+        steps = _fake_engine(outputs(), scores).generate([7, 8], SamplingParams(max_tokens=3))
+        await anext(steps)  # the prompt
+        first = await asyncio.wait_for(anext(steps), 2)
+        assert first.token_ids == [3]
+        await asyncio.wait_for(steps.aclose(), 2)
+        assert cancelled == [True]
+
+    asyncio.run(scenario())

@@ -319,41 +319,85 @@ class VLLMEngine:
             pending: list[tuple[int, str, TokenLogprob | None]] = []
             finish = None
             first = True
-            async for output in outputs:
-                if first:
-                    cached = (output.num_cached_tokens or 0) if reads else 0
-                    yield Step(scores=await self._prompt_rows(prompt_ids, scores, cached, reads), phase="prompt")
-                    first = False
-                sample = output.outputs[0]
-                for n, token in enumerate(sample.token_ids):
-                    delta, finish = generation.push(token)
-                    pending.append((token, delta, _logprob(token, sample.logprobs, n, params.logprobs)))
+            upcoming: asyncio.Future | None = None
+            try:
+                while True:
+                    upcoming = asyncio.ensure_future(anext(outputs, None))
+                    if pending:
+                        # The newest token is scored in the step that samples the next one, and its score
+                        # usually reaches this process before that step's output: release it once scored.
+                        at = n_prompt + generation.count - 1
+                        if await _scored_first(scores, at, upcoming, timeout):
+                            rows = await scores.rows(at, at + 1, timeout)
+                            yield self._step(pending, rows, generation.count - 1, None, params)
+                            pending = []
+                    output = await upcoming
+                    upcoming = None
+                    if output is None:
+                        return
+                    if first:
+                        cached = (output.num_cached_tokens or 0) if reads else 0
+                        yield Step(scores=await self._prompt_rows(prompt_ids, scores, cached, reads), phase="prompt")
+                        first = False
+                    sample = output.outputs[0]
+                    for n, token in enumerate(sample.token_ids):
+                        delta, finish = generation.push(token)
+                        pending.append((token, delta, _logprob(token, sample.logprobs, n, params.logprobs)))
+                        if finish is not None:
+                            break
+                    # All but the newest token were fed in the step that sampled the newest; the newest waits
+                    # for the next step, unless generation is over, in which case that step is the extra one:
+                    # wait for its output, so an engine failure surfaces here rather than as a missing score.
+                    if finish is not None and not output.finished:
+                        await anext(outputs, None)
+                    releasable = len(pending) if finish is not None else len(pending) - 1
+                    if releasable > 0:
+                        done = generation.count - len(pending)
+                        at = n_prompt + done
+                        rows = await scores.rows(at, at + releasable, timeout)
+                        released, pending = pending[:releasable], pending[releasable:]
+                        yield self._step(released, rows, done, finish, params)
                     if finish is not None:
-                        break
-                # All but the newest token were fed in the step that sampled the newest; the newest waits for
-                # the next step, unless generation is over, in which case that step is the extra one: wait
-                # for its output, so an engine failure surfaces here rather than as a missing score.
-                if finish is not None and not output.finished:
-                    await anext(outputs, None)
-                releasable = len(pending) if finish is not None else len(pending) - 1
-                if releasable > 0:
-                    done = generation.count - len(pending)
-                    at = n_prompt + done
-                    rows = await scores.rows(at, at + releasable, timeout)
-                    released, pending = pending[:releasable], pending[releasable:]
-                    yield Step(
-                        text="".join(delta for _, delta, _ in released),
-                        token_ids=[token for token, _, _ in released],
-                        scores=rows,
-                        score_start=done,
-                        finish_reason=finish,
-                        logprobs=[lp for _, _, lp in released] if params.logprobs is not None else None,
-                    )
-                if finish is not None:
-                    return
-                if output.finished:
-                    reason = output.outputs[0].finish_reason
-                    raise RuntimeError(f"vLLM ended the request early ({reason}) before limbic's stop condition")
+                        return
+                    if output.finished:
+                        reason = output.outputs[0].finish_reason
+                        raise RuntimeError(f"vLLM ended the request early ({reason}) before limbic's stop condition")
+            finally:
+                if upcoming is not None and not upcoming.done():
+                    upcoming.cancel()  # vLLM aborts a request whose output is cancelled
+                    with contextlib.suppress(asyncio.CancelledError, Exception):
+                        await upcoming
+
+    @staticmethod
+    def _step(
+        released: list[tuple[int, str, TokenLogprob | None]],
+        rows: ScoredRows,
+        score_start: int,
+        finish: str | None,
+        params: SamplingParams,
+    ) -> Step:
+        return Step(
+            text="".join(delta for _, delta, _ in released),
+            token_ids=[token for token, _, _ in released],
+            scores=rows,
+            score_start=score_start,
+            finish_reason=finish,
+            logprobs=[lp for _, _, lp in released] if params.logprobs is not None else None,
+        )
+
+
+async def _scored_first(scores: RequestScores, position: int, upcoming: asyncio.Future, timeout: float) -> bool:
+    """Waits until ``position`` is scored or ``upcoming`` is done, whichever comes first: True if scored."""
+    if scores.ready(position, position + 1):
+        return True
+    scored = asyncio.ensure_future(scores.rows(position, position + 1, timeout))
+    try:
+        await asyncio.wait({scored, upcoming}, return_when=asyncio.FIRST_COMPLETED)
+        return scores.ready(position, position + 1)
+    finally:
+        scored.cancel()
+        if scored.done() and not scored.cancelled():
+            scored.exception()  # a missing score is reported where the row is awaited again, not here
 
 
 def _logprob(token: int, logprobs: Any, n: int, k: int | None) -> TokenLogprob | None:
