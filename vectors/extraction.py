@@ -20,10 +20,10 @@ dialogue direction still reads an assistant's *situation* as much as its emotion
 deadline scored lower on calm than a desperate one), and a neutral assistant as calm as a calm one. Where the
 transcripts have an emotion, the vector the monitor reads with is instead a logistic-regression probe, that
 emotion against all others, trained on the train stories and the train transcripts' assistant turns together
-(each corpus centred on its own mean so the probe cannot learn story-versus-chat; each corpus and each class
-weighted equally), in the same denoised space. Steering keeps the difference of means (saved as the set's
-``steering`` directions): the research steers with it, and a probe also weighs directions that merely
-correlate with the label.
+(each corpus centred on its own mean so the probe cannot learn story-versus-chat; within a corpus the two
+classes weigh the same, and the stories carry PROBE_STORY_SHARE of the whole), in the same denoised space.
+Steering keeps the difference of means (saved as the set's ``steering`` directions): the research steers with
+it, and a probe also weighs directions that merely correlate with the label.
 
 The genre direction is our addition to the paper's recipe. On a small model, stories and assistant chat
 differ along directions that every emotion vector partly contains, so without it a plain chat message can
