@@ -12,8 +12,9 @@ figures for the chosen recipe were part of the choice; the transcript figures on
 Uses the activation cache that extraction fills (``~/.cache/limbic/activations``).
 
 ``--probes`` adds the readout-probe variants to an existing results file (at the chosen layer and denoising;
-the regularisation C swept; the same dev judging and story constraint): a logistic-regression probe per
-transcript emotion on stories and fit transcripts together, in place of the difference of means.
+the regularisation C and the stories' share of the weight swept; the same dev judging and story constraint): a
+logistic-regression probe per transcript emotion on stories and fit transcripts together, in place of the
+difference of means.
 """
 
 from __future__ import annotations
@@ -203,6 +204,7 @@ class StudyData:
     def probe_directions(self, layer: int, variance: float, c: float, story_share: float) -> torch.Tensor:
         """The study's chosen difference-of-means directions with each transcript emotion's row a probe."""
         directions = self.mean_directions(layer, 0.5, variance)
+        removed = self.removed(layer, variance)
         for emotion in self.dialogue:
             i = self.emotions.index(emotion)
             directions[i] = probe_direction(
@@ -210,7 +212,7 @@ class StudyData:
                 self.train_labels == i,
                 self.activations[self.fit, layer],
                 torch.tensor(self.fit_labels == emotion),
-                self.removed(layer, variance),
+                removed,
                 c,
                 story_share,
             )

@@ -438,8 +438,8 @@ def summarise_level(concurrency: int, runs: Sequence[dict]) -> dict[str, Any]:
         "arms": arms,
         "limbic_over_vllm_tokens_per_second": ratio,
         "ttft_p50_added_ms": added,
-        "decode_step_ms": round(decode_step_ms, 1) if not math.isnan(decode_step_ms) else math.nan,
-        "first_step_ms": round(first_step_ms, 1) if not math.isnan(first_step_ms) else math.nan,
+        "decode_step_ms": _round(decode_step_ms, 1),
+        "first_step_ms": _round(first_step_ms, 1),
         "errors": {arm: sum(r["errors"] for r in runs if r["arm"] == arm) for arm in ARMS},
         "runs": [{k: v for k, v in r.items() if k in ("block", "arm", *RUN_KEPT, *RUN_METRICS)} for r in runs],
     }

@@ -290,20 +290,9 @@ def _study_section() -> list[str]:
     shown = [v for v in shown if v["layer"] == chosen["layer"]] + [
         v for v in shown if v["layer"] != chosen["layer"] and v["transcript_weight"] == chosen["transcript_weight"]
     ]
-    rows = [
-        [
-            v["layer"],
-            v["transcript_weight"],
-            v["dev_objective"],
-            *[v["dev_auroc"][e] for e in ("desperate", "panicked", "calm")],
-            v["dev_matched"]["calm on calm vs desperate"],
-            *[v["story_auroc"][e] for e in ("desperate", "panicked", "calm", "afraid")],
-            "chosen" if v == chosen else "",
-        ]
-        for v in shown
-    ]
-    header = ["layer", "transcript weight", "objective", "desperate", "panicked", "calm", "calm vs desperate"]
-    header += ["story desperate", "story panicked", "story calm", "story afraid", ""]
+    table = _variant_table(
+        shown, chosen, {"layer": "layer", "transcript weight": "transcript_weight"}, ("desperate", "panicked", "calm")
+    )
     return [
         "<h2>Recipe study</h2>",
         f"<p>{html.escape(study['split'])}. Objective: {html.escape(study['objective'])}; constraint: "
@@ -312,35 +301,47 @@ def _study_section() -> list[str]:
         f"Neutral denoising at {chosen['denoise_variance']} of variance; "
         f"every variant is in <code>bench/results/vector_recipe_study.json</code> "
         f"(<code>{html.escape(study['command'])}</code>).</p>",
-        _table(rows, header),
+        table,
         *_probe_rows(study),
     ]
+
+
+STORY_EMOTIONS = ("desperate", "panicked", "calm", "afraid")
+
+
+def _variant_table(variants: list[dict], chosen: dict, settings: dict[str, str], dev: tuple[str, ...]) -> str:
+    """Study variants as rows: their ``settings`` (header -> key), the dev objective, the dev AUROCs of
+    ``dev``, calm in matched scenarios, the story AUROCs, and which one was chosen."""
+    rows = [
+        [
+            *[v[key] for key in settings.values()],
+            v["dev_objective"],
+            *[v["dev_auroc"][e] for e in dev],
+            v["dev_matched"]["calm on calm vs desperate"],
+            *[v["story_auroc"][e] for e in STORY_EMOTIONS],
+            "chosen" if v == chosen else "",
+        ]
+        for v in variants
+    ]
+    header = [*settings, "objective", *dev, "calm vs desperate", *[f"story {e}" for e in STORY_EMOTIONS], ""]
+    return _table(rows, header)
 
 
 def _probe_rows(study: dict) -> list[str]:
     """The study's readout-probe variants, where it has them (``--probes``)."""
     if "probe_variants" not in study:
         return []
-    chosen = study["probe_chosen"]
-    rows = [
-        [
-            v["probe_c"],
-            v["probe_story_share"],
-            v["dev_objective"],
-            *[v["dev_auroc"][e] for e in ("desperate", "panicked", "calm", "afraid")],
-            v["dev_matched"]["calm on calm vs desperate"],
-            *[v["story_auroc"][e] for e in ("desperate", "panicked", "calm", "afraid")],
-            "chosen" if v == chosen else "",
-        ]
-        for v in study["probe_variants"]
-    ]
-    header = ["probe C", "story share", "objective", "desperate", "panicked", "calm", "afraid", "calm vs desperate"]
-    header += ["story desperate", "story panicked", "story calm", "story afraid", ""]
+    table = _variant_table(
+        study["probe_variants"],
+        study["probe_chosen"],
+        {"probe C": "probe_c", "story share": "probe_story_share"},
+        STORY_EMOTIONS,
+    )
     return [
         "<p>Readout probes (the emotions the transcripts have read by a logistic regression on stories and fit "
         f"transcripts; steering keeps the difference of means): {html.escape(study['probe_rule'])} "
         f"(<code>{html.escape(study['probe_command'])}</code>).</p>",
-        _table(rows, header),
+        table,
     ]
 
 

@@ -153,11 +153,10 @@ def load(folder: Path) -> EmotionVectors:
     if t is not None and not len(t.warning) == len(t.critical) == len(manifest.emotions):
         raise VectorFileError(f"{folder}: thresholds do not list one value per emotion")
     expected = (len(manifest.emotions), manifest.model.hidden_size)
-    if tuple(directions.shape) != expected:
-        raise VectorFileError(f"{folder}: directions have shape {tuple(directions.shape)}, manifest says {expected}")
     steering = tensors.get("steering")
-    if steering is not None and tuple(steering.shape) != expected:
-        raise VectorFileError(f"{folder}: steering has shape {tuple(steering.shape)}, manifest says {expected}")
+    for name, tensor in (("directions", directions), ("steering", steering)):
+        if tensor is not None and tuple(tensor.shape) != expected:
+            raise VectorFileError(f"{folder}: {name} has shape {tuple(tensor.shape)}, manifest says {expected}")
     return EmotionVectors(manifest, directions, steering)
 
 
